@@ -1,0 +1,158 @@
+"""KNet: backbone -> FPN -> ConvKernelHead -> S KernelUpdateHeads, with its loss and post-processing.
+
+Training returns the criterion's weighted loss dict; evaluation returns one ``Prediction`` per image
+(docs/interfaces.md section 2). Inputs are validated here so that mistakes name the offending field.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.profiler import record_function
+
+from knet.backbone import TimmBackbone
+from knet.kernel_head import ConvKernelHead
+from knet.kernel_update import KernelUpdateHead
+from knet.neck import FPN
+from knet.structures import KernelHeadOutput, Prediction, StageOutput
+
+Criterion = Callable[..., dict[str, Tensor]]
+PostProcessor = Callable[..., list[Prediction]]
+
+
+class KNet(nn.Module):
+    """forward(images (B, 3, H, W) float, targets=None, image_sizes=None).
+
+    train(): dict[str, Tensor] of weighted losses (sum them). eval(): list[Prediction] at each image's size.
+    ``image_sizes`` (per image (h, w) <= (H, W)) is None when every image fills the batch tensor.
+    Images are zero-padded bottom/right to a multiple of ``size_divisor`` before the backbone.
+    """
+
+    def __init__(
+        self,
+        *,
+        backbone: TimmBackbone,
+        neck: FPN,
+        kernel_head: ConvKernelHead,
+        stages: Sequence[KernelUpdateHead],
+        criterion: Criterion,
+        postprocessor: PostProcessor,
+        num_classes: int,
+        size_divisor: int,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.neck = neck
+        self.kernel_head = kernel_head
+        self.stages = nn.ModuleList(stages)
+        self.criterion = criterion
+        self.postprocessor = postprocessor
+        self.num_classes = num_classes
+        self.size_divisor = size_divisor
+
+    def forward(
+        self,
+        images: Tensor,
+        targets: list[dict[str, Any]] | None = None,
+        image_sizes: Sequence[tuple[int, int]] | None = None,
+    ) -> dict[str, Tensor] | list[Prediction]:
+        sizes = self._check_images(images, image_sizes)
+        if self.training:
+            if targets is None:
+                raise ValueError("targets is required in train mode (call model.eval() for predictions)")
+            self._check_targets(targets, sizes)
+        padded = self._pad(images)
+        padded_size = (padded.shape[-2], padded.shape[-1])
+        head, stages = self.predict_stages(padded)
+        if self.training:
+            with record_function("knet.criterion"):
+                return self.criterion(
+                    head=head, stages=stages, targets=targets, image_sizes=sizes, padded_size=padded_size
+                )
+        with record_function("knet.postprocess"):
+            last = stages[-1] if stages else None
+            cls_logits = last.cls_logits if last is not None else None
+            mask_logits = last.mask_logits if last is not None else head.mask_logits
+            return self.postprocessor(
+                cls_logits=cls_logits, mask_logits=mask_logits, image_sizes=sizes, padded_size=padded_size
+            )
+
+    def predict_stages(self, padded: Tensor) -> tuple[KernelHeadOutput, list[StageOutput]]:
+        """The network without losses: padded images (B, 3, Hp, Wp) -> initial head output + every stage."""
+        with record_function("knet.backbone"):
+            features = self.backbone(padded)
+        with record_function("knet.neck"):
+            pyramid = self.neck(features)
+        with record_function("knet.kernel_head"):
+            head = self.kernel_head(pyramid)
+        stages: list[StageOutput] = []
+        kernels, mask_logits = head.kernels, head.mask_logits
+        with record_function("knet.update_stages"):
+            for stage in self.stages:
+                output = stage(head.features, kernels, mask_logits)
+                stages.append(output)
+                kernels, mask_logits = output.kernels, output.mask_logits
+        return head, stages
+
+    def _pad(self, images: Tensor) -> Tensor:
+        height, width = images.shape[-2:]
+        pad_h = -height % self.size_divisor
+        pad_w = -width % self.size_divisor
+        if pad_h == 0 and pad_w == 0:
+            return images
+        return F.pad(images, (0, pad_w, 0, pad_h))  # zeros at the bottom/right
+
+    @staticmethod
+    def _check_images(images: Tensor, image_sizes: Sequence[tuple[int, int]] | None) -> list[tuple[int, int]]:
+        if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[1] != 3:
+            shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+            raise ValueError(f"images must be a (B, 3, H, W) tensor, got {shape}")
+        if not images.is_floating_point():
+            raise ValueError(f"images must be a float tensor (normalised), got dtype {images.dtype}")
+        batch, _, height, width = images.shape
+        if image_sizes is None:
+            return [(int(height), int(width))] * batch
+        if len(image_sizes) != batch:
+            raise ValueError(f"image_sizes has {len(image_sizes)} entries but images has batch size {batch}")
+        sizes = []
+        for index, size in enumerate(image_sizes):
+            h, w = (int(v) for v in size)
+            if not (0 < h <= height and 0 < w <= width):
+                raise ValueError(
+                    f"image_sizes[{index}] = {(h, w)} must be positive and fit in the batch ({height}, {width})"
+                )
+            sizes.append((h, w))
+        return sizes
+
+    def _check_targets(self, targets: list[dict[str, Any]], sizes: list[tuple[int, int]]) -> None:
+        if len(targets) != len(sizes):
+            raise ValueError(f"len(targets) = {len(targets)} must equal the batch size {len(sizes)}")
+        for index, (target, size) in enumerate(zip(targets, sizes, strict=True)):
+            labels, masks = target.get("labels"), target.get("masks")
+            if not isinstance(labels, Tensor) or labels.dim() != 1 or labels.dtype != torch.int64:
+                raise ValueError(f"targets[{index}]['labels'] must be an int64 tensor of shape (M,)")
+            if not isinstance(masks, Tensor) or masks.dtype != torch.bool or masks.dim() != 3:
+                got = (
+                    f"{masks.dtype} {tuple(masks.shape)}"
+                    if isinstance(masks, Tensor)
+                    else type(masks).__name__
+                )
+                raise ValueError(f"targets[{index}]['masks'] must be a bool tensor (M, h, w), got {got}")
+            if masks.shape[0] != labels.shape[0]:
+                raise ValueError(
+                    f"targets[{index}]: masks has {masks.shape[0]} masks but labels has {labels.shape[0]} entries"
+                )
+            if tuple(masks.shape[-2:]) != size:
+                raise ValueError(
+                    f"targets[{index}]['masks'] size {tuple(masks.shape[-2:])} must equal the image size {size} "
+                    "(image_sizes[i], or the batch size when image_sizes is None)"
+                )
+            if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
+                raise ValueError(
+                    f"targets[{index}]['labels'] must be in [0, {self.num_classes}), "
+                    f"got values {labels.min().item()}..{labels.max().item()}"
+                )

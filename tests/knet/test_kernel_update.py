@@ -1,0 +1,110 @@
+"""KernelUpdateHead: one stage's data flow (spec section 2, steps 1-10)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from knet.kernel_update import KernelUpdateHead
+
+
+def _head(**overrides: object) -> KernelUpdateHead:
+    args: dict[str, object] = dict(
+        num_classes=5,
+        channels=32,
+        conv_kernel_size=1,
+        feedforward_channels=64,
+        num_heads=4,
+        dropout=0.0,
+        num_cls_fcs=1,
+        num_mask_fcs=1,
+        grouping="hard_sigmoid",
+        hard_mask_thr=0.5,
+    )
+    args.update(overrides)
+    return KernelUpdateHead(**args)  # type: ignore[arg-type]
+
+
+def test_stage_outputs_have_the_documented_shapes_for_1x1_kernels() -> None:
+    torch.manual_seed(0)
+    out = _head()(torch.randn(2, 32, 9, 13), torch.randn(2, 7, 32), torch.randn(2, 7, 9, 13))
+    assert out.cls_logits is not None and out.cls_logits.shape == (2, 7, 5)
+    assert out.mask_logits.shape == (2, 7, 9, 13)
+    assert out.kernels.shape == (2, 7, 32)
+
+
+def test_3x3_kernels_use_the_b_n_taps_c_layout_and_convolve_with_padding() -> None:
+    torch.manual_seed(0)
+    out = _head(conv_kernel_size=3)(
+        torch.randn(2, 32, 9, 13), torch.randn(2, 7, 9, 32), torch.randn(2, 7, 9, 13)
+    )
+    assert out.kernels.shape == (2, 7, 9, 32)
+    assert out.mask_logits.shape == (2, 7, 9, 13)
+
+
+def test_masks_are_the_fc_mask_kernels_convolved_with_the_transformed_features() -> None:
+    torch.manual_seed(0)
+    head = _head()
+    features = torch.randn(1, 32, 6, 5)
+    out = head(features, torch.randn(1, 3, 32), torch.randn(1, 3, 6, 5))
+    transformed = head.feat_transform(features)[0]  # (C, h, w)
+    mask_kernels = head.fc_mask(head.mask_fcs(out.kernels))[
+        0
+    ]  # passed-on kernels -> this stage's mask kernels
+    for n in range(3):
+        for y in range(6):
+            for x in range(5):
+                expected = (mask_kernels[n] * transformed[:, y, x]).sum()
+                torch.testing.assert_close(out.mask_logits[0, n, y, x], expected, atol=1e-4, rtol=1e-4)
+
+
+def test_hard_grouping_sums_features_under_binary_masks_without_mask_gradient() -> None:
+    torch.manual_seed(0)
+    head = _head()
+    features = torch.randn(1, 32, 4, 4)
+    mask_logits = torch.randn(1, 3, 4, 4, requires_grad=True)
+    captured: dict[str, torch.Tensor] = {}
+    hook = head.kernel_update_conv.register_forward_hook(lambda m, args, out: captured.update(group=args[0]))
+    out = head(features, torch.randn(1, 3, 32), mask_logits)
+    hook.remove()
+    transformed = head.feat_transform(features)[0]
+    binary = mask_logits.detach()[0].sigmoid() > 0.5
+    for n in range(3):
+        expected = transformed[:, binary[n]].sum(dim=1)  # a plain sum over the claimed pixels
+        torch.testing.assert_close(captured["group"][n], expected, atol=1e-5, rtol=1e-5)
+    out.mask_logits.sum().backward()
+    assert mask_logits.grad is None
+
+
+def test_softmax_grouping_has_mask_gradient_and_no_class_branch() -> None:
+    torch.manual_seed(0)
+    head = _head(num_classes=None, grouping="softmax")
+    mask_logits = torch.randn(1, 3, 4, 4, requires_grad=True)
+    out = head(torch.randn(1, 32, 4, 4), torch.randn(1, 3, 32), mask_logits)
+    assert out.cls_logits is None and head.fc_cls is None
+    out.mask_logits.sum().backward()
+    assert mask_logits.grad is not None and mask_logits.grad.abs().sum() > 0
+
+
+def test_narrow_updator_runs_wide_kernels_in_chunks_with_shared_weights() -> None:
+    torch.manual_seed(0)
+    head = _head(num_classes=None, grouping="softmax", channels=64, updator_channels=32)
+    assert head.kernel_update_conv.channels == 32
+    out = head(torch.randn(2, 64, 5, 5), torch.randn(2, 4, 64), torch.randn(2, 4, 5, 5))
+    assert out.kernels.shape == (2, 4, 64)
+
+
+def test_masks_at_another_resolution_are_resized_to_the_features() -> None:
+    out = _head()(torch.randn(1, 32, 8, 8), torch.randn(1, 3, 32), torch.randn(1, 3, 16, 16))
+    assert out.mask_logits.shape == (1, 3, 8, 8)
+
+
+def test_class_bias_starts_at_the_focal_prior() -> None:
+    head = _head()
+    assert head.fc_cls is not None
+    torch.testing.assert_close(head.fc_cls.bias, torch.full((5,), -4.59512), atol=1e-4, rtol=0)
+
+
+def test_unknown_grouping_is_rejected() -> None:
+    with pytest.raises(ValueError, match="grouping"):
+        _head(grouping="mean")

@@ -1,0 +1,147 @@
+"""KNet end to end through ``build_model``: loss dicts in train mode, predictions in eval mode, and
+input validation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from knet import KNetConfig, build_model
+from knet.model import KNet
+from knet.structures import Prediction
+from tests.support.shapes import NUM_STUFF_CLASSES, NUM_THING_CLASSES, make_batch
+
+TINY = dict(channels=32, num_proposals=6, num_stages=2, update={"feedforward_channels": 64, "num_heads": 4})
+
+
+def tiny_model(task: str = "panoptic", **overrides: object) -> KNet:
+    """A tiny K-Net built by ``build_model`` (real KNetCriterion and PostProcessor)."""
+    stuff = NUM_STUFF_CLASSES if task == "panoptic" else 0
+    settings: dict[str, object] = {"backbone": "resnet18", **TINY, **overrides}
+    cfg = KNetConfig.for_task(task, num_thing_classes=NUM_THING_CLASSES, num_stuff_classes=stuff, **settings)
+    torch.manual_seed(0)
+    return build_model(cfg)
+
+
+@pytest.mark.parametrize("task", ["panoptic", "instance"])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_odd_sized_batch_gives_finite_losses_and_per_image_predictions(task: str, batch: int) -> None:
+    model = tiny_model(task)
+    data = make_batch(0, batch, 200, 311, empty_index=batch - 1, instance_only=task == "instance")
+    losses = model.train()(data.images, data.targets)
+    assert "s1.loss_mask" in losses and "rpn.loss_dice" in losses and "s0.loss_cls" in losses
+    for key, value in losses.items():
+        assert value.dim() == 0 and torch.isfinite(value), key
+    sum(losses.values()).backward()
+    assert model.stages[-1].fc_mask.weight.grad is not None
+    with torch.no_grad():
+        predictions = model.eval()(data.images)
+    assert len(predictions) == batch and all(isinstance(p, Prediction) for p in predictions)
+    for prediction in predictions:
+        assert prediction.image_size == (200, 311)
+        if task == "panoptic":
+            assert prediction.panoptic is not None and prediction.panoptic.segment_map.shape == (200, 311)
+        else:
+            assert prediction.instance is not None and prediction.instance.masks.shape[-2:] == (200, 311)
+
+
+def test_image_sizes_crop_predictions_to_each_image() -> None:
+    model = tiny_model().eval()
+    images = torch.randn(2, 3, 70, 90)
+    with torch.no_grad():
+        predictions = model(images, image_sizes=[(70, 90), (50, 61)])
+    assert [p.panoptic.segment_map.shape for p in predictions] == [(70, 90), (50, 61)]
+
+
+def test_stages_run_on_stride_8_features_of_the_padded_input() -> None:
+    model = tiny_model().eval()
+    with torch.no_grad():
+        head, stages = model.predict_stages(model._pad(torch.randn(1, 3, 100, 130)))
+    assert head.features.shape[-2:] == (128 // 8, 160 // 8)
+    assert head.mask_logits.shape[1] == 6 + NUM_STUFF_CLASSES
+    assert len(stages) == 2 and stages[-1].mask_logits.shape[-2:] == (16, 20)
+
+
+def test_swin_backbone_builds_and_predicts_at_odd_sizes() -> None:
+    model = tiny_model(backbone={"name": "swin_tiny_patch4_window7_224"}, num_stages=1).eval()
+    with torch.no_grad():
+        predictions = model(torch.randn(1, 3, 70, 100))
+    assert predictions[0].panoptic.segment_map.shape == (70, 100)
+
+
+def test_3x3_kernels_train_end_to_end() -> None:
+    model = tiny_model(update={"conv_kernel_size": 3, "feedforward_channels": 64, "num_heads": 4})
+    data = make_batch(1, 1, 64, 64)
+    losses = model.train()(data.images, data.targets)
+    assert all(torch.isfinite(v) for v in losses.values())
+
+
+def _valid() -> tuple[torch.Tensor, list[dict]]:
+    data = make_batch(0, 2, 64, 64)
+    return data.images, data.targets
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "message"),
+    [
+        (lambda images, targets: (images[:, :2], targets), r"images must be a \(B, 3, H, W\)"),
+        (lambda images, targets: ((images * 255).to(torch.uint8), targets), "images must be a float"),
+        (lambda images, targets: (images, targets[:1]), r"len\(targets\) = 1 must equal the batch size 2"),
+        (
+            lambda images, targets: (
+                images,
+                [{**targets[0], "masks": targets[0]["masks"].float()}, targets[1]],
+            ),
+            r"targets\[0\]\['masks'\] must be a bool",
+        ),
+        (
+            lambda images, targets: (
+                images,
+                [targets[0], {**targets[1], "masks": targets[1]["masks"][:, :32]}],
+            ),
+            r"targets\[1\]\['masks'\] size \(32, 64\) must equal the image size \(64, 64\)",
+        ),
+        (
+            lambda images, targets: (
+                images,
+                [{**targets[0], "labels": targets[0]["labels"] + 10}, targets[1]],
+            ),
+            r"targets\[0\]\['labels'\] must be in \[0, 4\)",
+        ),
+        (
+            lambda images, targets: (
+                images,
+                [{**targets[0], "labels": targets[0]["labels"][:1]}, targets[1]],
+            ),
+            r"targets\[0\]: masks has \d+ masks but labels has 1",
+        ),
+    ],
+    ids=["channels", "dtype", "num-targets", "mask-dtype", "mask-size", "label-range", "label-count"],
+)
+def test_bad_training_inputs_raise_errors_naming_the_field(corrupt, message: str) -> None:  # noqa: ANN001
+    model = tiny_model().train()
+    images, targets = corrupt(*_valid())
+    with pytest.raises(ValueError, match=message):
+        model(images, targets)
+
+
+def test_missing_targets_in_train_mode_is_an_error() -> None:
+    with pytest.raises(ValueError, match="targets is required in train mode"):
+        tiny_model().train()(torch.randn(1, 3, 64, 64))
+
+
+def test_image_sizes_larger_than_the_batch_are_rejected() -> None:
+    with pytest.raises(ValueError, match=r"image_sizes\[1\]"):
+        tiny_model().eval()(torch.randn(2, 3, 64, 64), image_sizes=[(64, 64), (65, 64)])
+
+
+def test_instance_labels_must_be_thing_classes() -> None:
+    model = tiny_model("instance").train()
+    data = make_batch(0, 1, 64, 64)  # contains stuff labels 2 and 3
+    with pytest.raises(ValueError, match=r"must be in \[0, 2\)"):
+        model(data.images, data.targets)
+
+
+def test_semantic_task_is_not_built_here_yet() -> None:
+    with pytest.raises(NotImplementedError, match="semantic"):
+        build_model(KNetConfig.ade20k_semantic_upernet_r50())
