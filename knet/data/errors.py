@@ -1,0 +1,7 @@
+"""The one error type of ``knet.data``: bad input, always naming the file at fault."""
+
+from __future__ import annotations
+
+
+class DataError(ValueError):
+    """A dataset file is missing, corrupt or inconsistent; the message names the file."""

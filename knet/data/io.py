@@ -1,0 +1,99 @@
+"""Decoding helpers shared by the readers: images, RGB-id PNGs, COCO segmentations."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from knet.data.errors import DataError
+
+
+def read_json(path: str | Path, *, what: str) -> dict[str, Any]:
+    """Parse a JSON file; ``DataError`` naming it when missing or not JSON."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{what} file not found: {path}")
+    try:
+        with path.open() as handle:
+            data = json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DataError(f"{what} file {path} is not valid JSON: {error}") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{what} file {path} must hold a JSON object, found {type(data).__name__}")
+    return data
+
+
+def require_keys(data: dict[str, Any], keys: tuple[str, ...], *, path: str | Path, what: str) -> None:
+    missing = [k for k in keys if k not in data]
+    if missing:
+        raise DataError(
+            f"{path} is not a {what} JSON: it lacks the key(s) {', '.join(missing)} "
+            f"(found: {', '.join(sorted(data)) or 'nothing'})"
+        )
+
+
+def open_pil(source: str | Path | bytes, *, name: str) -> Image.Image:
+    """Open and fully decode an image (path or encoded bytes); ``DataError`` naming ``name``."""
+    try:
+        handle = io.BytesIO(source) if isinstance(source, bytes) else source
+        image = Image.open(handle)
+        image.load()
+    except FileNotFoundError:
+        raise DataError(f"image file not found: {name}") from None
+    except (OSError, SyntaxError, ValueError) as error:
+        raise DataError(f"cannot decode image {name}: {error}") from None
+    return image
+
+
+def decode_rgb(source: str | Path | bytes, *, name: str) -> torch.Tensor:
+    """Image -> uint8 (3, h, w) RGB."""
+    array = np.asarray(open_pil(source, name=name).convert("RGB"))  # (h, w, 3)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()  # (h, w, 3) -> (3, h, w)
+
+
+def decode_panoptic_ids(source: str | Path | bytes, *, name: str) -> torch.Tensor:
+    """COCO panoptic PNG -> int64 (h, w) segment ids, id = R + 256 G + 256^2 B."""
+    rgb = np.asarray(open_pil(source, name=name).convert("RGB")).astype(np.int64)  # (h, w, 3)
+    return torch.from_numpy(rgb[..., 0] + 256 * rgb[..., 1] + 256 * 256 * rgb[..., 2])
+
+
+def encode_panoptic_ids(ids: torch.Tensor) -> np.ndarray:
+    """int (h, w) segment ids -> uint8 (h, w, 3) RGB for a PNG (inverse of ``decode_panoptic_ids``)."""
+    ids = ids.to(torch.int64).numpy()
+    return np.stack([ids % 256, (ids // 256) % 256, ids // (256 * 256)], axis=-1).astype(np.uint8)
+
+
+def decode_label_png(source: str | Path | bytes, *, name: str) -> torch.Tensor:
+    """Single-channel label PNG -> int64 (h, w)."""
+    image = open_pil(source, name=name)
+    if image.mode not in ("L", "P", "I", "I;16"):
+        raise DataError(f"label map {name} must be a single-channel PNG, found mode {image.mode}")
+    return torch.from_numpy(np.asarray(image).astype(np.int64))
+
+
+def decode_coco_segmentation(segmentation: Any, height: int, width: int, *, name: str) -> torch.Tensor:
+    """COCO polygon list / uncompressed RLE / compressed RLE -> bool (h, w), via pycocotools."""
+    try:
+        if isinstance(segmentation, list):  # polygons: list of [x0, y0, x1, y1, ...]
+            rle = mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
+        elif isinstance(segmentation.get("counts"), list):  # uncompressed RLE
+            rle = mask_utils.frPyObjects(segmentation, height, width)
+        else:  # compressed RLE
+            counts = segmentation["counts"]
+            rle = {
+                "size": segmentation["size"],
+                "counts": counts.encode() if isinstance(counts, str) else counts,
+            }
+        decoded = mask_utils.decode(rle)
+    except (TypeError, KeyError, ValueError, AttributeError) as error:
+        raise DataError(f"bad segmentation in {name}: {error}") from None
+    if decoded.shape[:2] != (height, width):
+        raise DataError(f"segmentation in {name} has size {decoded.shape[:2]}, image is {(height, width)}")
+    return torch.from_numpy(decoded.astype(bool))

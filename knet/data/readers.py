@@ -1,0 +1,331 @@
+"""Readers: one dataset format each -> per-image (uint8 image (3, h, w), target dict, meta dict).
+
+Targets follow docs/interfaces.md §1 (contiguous ids, things first). Cheap checks (JSON shape,
+files exist, category ids known) run at construction so errors come before training starts;
+with ``skip_invalid=True`` images failing them are dropped with one logged warning and a count.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from knet.data.categories import Category, CategoryTable
+from knet.data.config import DataSource
+from knet.data.errors import DataError
+from knet.data.io import (
+    decode_coco_segmentation,
+    decode_label_png,
+    decode_panoptic_ids,
+    decode_rgb,
+    read_json,
+    require_keys,
+)
+
+log = logging.getLogger(__name__)
+
+Sample = tuple[torch.Tensor, dict[str, Any], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One image of a split: where its pixels and annotations are."""
+
+    image_id: int
+    file_name: str
+    image_path: Path
+    height: int | None = None
+    width: int | None = None
+    annotation: Any = None  # format-specific: COCO anns list, panoptic entry, label path
+
+
+def _empty_target(height: int, width: int, image_id: int) -> dict[str, Any]:
+    return {
+        "labels": torch.zeros(0, dtype=torch.int64),
+        "masks": torch.zeros(0, height, width, dtype=torch.bool),
+        "iscrowd": torch.zeros(0, dtype=torch.bool),
+        "image_id": image_id,
+    }
+
+
+class _Skipper:
+    """Collects construction-time problems: raise at once, or drop and warn once with a count."""
+
+    def __init__(self, skip_invalid: bool, source: str) -> None:
+        self.skip_invalid = skip_invalid
+        self.source = source
+        self.problems: list[str] = []
+
+    def __call__(self, message: str) -> None:
+        if not self.skip_invalid:
+            raise DataError(message)
+        self.problems.append(message)
+
+    def finish(self, kept: int) -> None:
+        if self.problems:
+            log.warning(
+                "%s: skipped %d invalid image(s) (skip_invalid=True), first: %s",
+                self.source,
+                len(self.problems),
+                self.problems[0],
+            )
+        if kept == 0:
+            raise DataError(f"{self.source}: the dataset is empty (no valid images)")
+
+
+class Reader:
+    """Base: a list of ``ImageRecord`` + a ``CategoryTable``; subclasses decode one record."""
+
+    categories: CategoryTable
+    records: list[ImageRecord]
+    problems: list[str]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def read(self, index: int) -> Sample:
+        record = self.records[index]
+        image = decode_rgb(record.image_path, name=str(record.image_path))
+        height, width = image.shape[-2:]
+        if record.height is not None and (record.height, record.width) != (height, width):
+            raise DataError(
+                f"image {record.image_path} is {height}x{width} but its annotation says "
+                f"{record.height}x{record.width}"
+            )
+        target = self._target(record, height, width)
+        meta = {
+            "file_name": record.file_name,
+            "image_id": record.image_id,
+            "orig_size": (height, width),
+        }
+        return image, target, meta
+
+    def _target(self, record: ImageRecord, height: int, width: int) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+def _coco_images(
+    data: dict[str, Any], image_dir: Path, skipper: _Skipper, path: Path
+) -> dict[int, dict[str, Any]]:
+    images: dict[int, dict[str, Any]] = {}
+    for entry in data["images"]:
+        try:
+            image_id, file_name = int(entry["id"]), str(entry["file_name"])
+        except (KeyError, TypeError, ValueError):
+            raise DataError(f"{path}: an image entry lacks id/file_name: {entry}") from None
+        if not (image_dir / file_name).is_file():
+            skipper(f"image file not found: {image_dir / file_name} (listed in {path})")
+            continue
+        images[image_id] = entry
+    return images
+
+
+class CocoInstanceReader(Reader):
+    """COCO instances JSON (polygons, RLE; ``iscrowd`` kept as the COCO tools do)."""
+
+    def __init__(self, source: DataSource) -> None:
+        path = Path(source.annotations)
+        data = read_json(path, what="COCO instance annotations")
+        require_keys(data, ("images", "annotations", "categories"), path=path, what="COCO instances")
+        self.categories = CategoryTable.from_coco(data["categories"], default_isthing=True)
+        skipper = _Skipper(source.skip_invalid, str(path))
+        images = _coco_images(data, Path(source.images), skipper, path)
+        anns: dict[int, list[dict[str, Any]]] = defaultdict(list)
+        bad_images: set[int] = set()
+        for ann in data["annotations"]:
+            image_id = int(ann.get("image_id", -1))
+            if ann.get("category_id") not in self.categories:
+                skipper(
+                    f"category id {ann.get('category_id')} in {path} (annotation {ann.get('id')}) "
+                    "is not in its categories list"
+                )
+                bad_images.add(image_id)
+                continue
+            anns[image_id].append(ann)
+        self.records = [
+            ImageRecord(
+                image_id,
+                str(e["file_name"]),
+                Path(source.images) / e["file_name"],
+                e.get("height"),
+                e.get("width"),
+                anns.get(image_id, []),
+            )
+            for image_id, e in sorted(images.items())
+            if image_id not in bad_images
+        ]
+        self.problems = skipper.problems
+        skipper.finish(len(self.records))
+        self._path = path
+
+    def _target(self, record: ImageRecord, height: int, width: int) -> dict[str, Any]:
+        anns = record.annotation
+        if not anns:
+            return _empty_target(height, width, record.image_id)
+        name = f"{self._path} (image {record.file_name})"
+        masks = torch.stack(
+            [decode_coco_segmentation(a["segmentation"], height, width, name=name) for a in anns]
+        )
+        return {
+            "labels": torch.tensor([self.categories.to_contiguous(a["category_id"]) for a in anns]),
+            "masks": masks,
+            "iscrowd": torch.tensor([bool(a.get("iscrowd", 0)) for a in anns]),
+            "image_id": record.image_id,
+        }
+
+
+class CocoPanopticReader(Reader):
+    """COCO panoptic JSON + RGB-id PNGs; ``isthing`` from the categories decides things/stuff."""
+
+    def __init__(self, source: DataSource) -> None:
+        path = Path(source.annotations)
+        data = read_json(path, what="COCO panoptic annotations")
+        require_keys(data, ("images", "annotations", "categories"), path=path, what="COCO panoptic")
+        for cat in data["categories"]:
+            if "isthing" not in cat:
+                raise DataError(f"{path}: panoptic category {cat.get('id')} lacks 'isthing'")
+        self.categories = CategoryTable.from_coco(data["categories"])
+        skipper = _Skipper(source.skip_invalid, str(path))
+        images = _coco_images(data, Path(source.images), skipper, path)
+        mask_dir = Path(source.masks)
+        self.records = []
+        for ann in data["annotations"]:
+            image_id = int(ann.get("image_id", -1))
+            if "segments_info" not in ann or "file_name" not in ann:
+                raise DataError(f"{path}: annotation for image {image_id} lacks segments_info/file_name")
+            if image_id not in images:
+                continue
+            png = mask_dir / ann["file_name"]
+            if not png.is_file():
+                skipper(f"panoptic PNG not found: {png} (listed in {path})")
+                continue
+            unknown = [
+                s["category_id"] for s in ann["segments_info"] if s["category_id"] not in self.categories
+            ]
+            if unknown:
+                skipper(
+                    f"category id {unknown[0]} in {path} (image {image_id}) is not in its categories list"
+                )
+                continue
+            entry = images[image_id]
+            self.records.append(
+                ImageRecord(
+                    image_id,
+                    str(entry["file_name"]),
+                    Path(source.images) / entry["file_name"],
+                    entry.get("height"),
+                    entry.get("width"),
+                    (png, ann["segments_info"]),
+                )
+            )
+        self.records.sort(key=lambda r: r.image_id)
+        self.problems = skipper.problems
+        skipper.finish(len(self.records))
+
+    def _target(self, record: ImageRecord, height: int, width: int) -> dict[str, Any]:
+        png, segments = record.annotation
+        ids = decode_panoptic_ids(png, name=str(png))  # (h, w)
+        if ids.shape != (height, width):
+            raise DataError(f"panoptic PNG {png} is {tuple(ids.shape)}, its image is {(height, width)}")
+        json_ids = {int(s["id"]) for s in segments}
+        png_ids = set(ids.unique().tolist()) - {0}
+        if png_ids != json_ids:
+            raise DataError(
+                f"panoptic PNG {png} does not match its JSON segments_info: ids only in the PNG "
+                f"{sorted(png_ids - json_ids)[:5]}, only in the JSON {sorted(json_ids - png_ids)[:5]}"
+            )
+        if not segments:
+            return _empty_target(height, width, record.image_id)
+        seg_ids = torch.tensor([int(s["id"]) for s in segments])
+        return {
+            "labels": torch.tensor([self.categories.to_contiguous(s["category_id"]) for s in segments]),
+            "masks": ids[None] == seg_ids[:, None, None],  # (M, h, w)
+            "iscrowd": torch.tensor([bool(s.get("iscrowd", 0)) for s in segments]),
+            "image_id": record.image_id,
+        }
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+class SemanticReader(Reader):
+    """Image folder + label PNG folder, paired by file stem; one mask per class present.
+
+    ``reduce_zero_label``: label 0 -> ignore (255), others -1 (ADE20K). Pixels equal to
+    ``ignore_index`` get no mask. Categories come from the optional ``annotations`` JSON
+    (COCO ``categories``, ids = label values after reduction), else from scanning every label map.
+    """
+
+    def __init__(self, source: DataSource) -> None:
+        self.source = source
+        image_dir, mask_dir = Path(source.images), Path(source.masks)
+        for folder, field in ((image_dir, "images"), (mask_dir, "masks")):
+            if not folder.is_dir():
+                raise DataError(f"DataSource.{field} folder not found: {folder}")
+        skipper = _Skipper(source.skip_invalid, str(mask_dir))
+        images = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        self.records = []
+        for index, image_path in enumerate(images):
+            label = mask_dir / f"{image_path.stem}.png"
+            if not label.is_file():
+                skipper(f"label map not found: {label} (for image {image_path})")
+                continue
+            self.records.append(ImageRecord(index, image_path.name, image_path, annotation=label))
+        self.problems = skipper.problems
+        skipper.finish(len(self.records))
+        if source.annotations:
+            path = Path(source.annotations)
+            data = read_json(path, what="semantic categories")
+            require_keys(data, ("categories",), path=path, what="semantic categories")
+            cats = [Category(int(c["id"]), str(c.get("name", c["id"])), False) for c in data["categories"]]
+        else:
+            values: set[int] = set()
+            for record in self.records:
+                values |= set(self._labels(record.annotation).unique().tolist())
+            cats = [Category(v, str(v), False) for v in sorted(values - {source.ignore_index})]
+        self.categories = CategoryTable(cats)
+
+    def _labels(self, path: Path) -> torch.Tensor:
+        labels = decode_label_png(path, name=str(path))
+        if self.source.reduce_zero_label:
+            ignore = labels == 0
+            labels = labels - 1
+            labels[ignore | (labels == 254)] = self.source.ignore_index
+        return labels
+
+    def _target(self, record: ImageRecord, height: int, width: int) -> dict[str, Any]:
+        labels = self._labels(record.annotation)
+        if labels.shape != (height, width):
+            raise DataError(
+                f"label map {record.annotation} is {tuple(labels.shape)}, image is {(height, width)}"
+            )
+        values = [v for v in labels.unique().tolist() if v != self.source.ignore_index]
+        if not values:
+            return _empty_target(height, width, record.image_id)
+        contiguous = [self.categories.to_contiguous(v, file=str(record.annotation)) for v in values]
+        order = sorted(range(len(values)), key=lambda k: contiguous[k])
+        value_t = torch.tensor([values[k] for k in order])
+        return {
+            "labels": torch.tensor([contiguous[k] for k in order]),
+            "masks": labels[None] == value_t[:, None, None],  # (M, h, w)
+            "iscrowd": torch.zeros(len(values), dtype=torch.bool),
+            "image_id": record.image_id,
+        }
+
+
+def open_reader(source: DataSource) -> Reader:
+    """The reader for ``source.format`` (parquet lives in ``knet.data.parquet``)."""
+    if source.format == "coco_instance":
+        return CocoInstanceReader(source)
+    if source.format == "coco_panoptic":
+        return CocoPanopticReader(source)
+    if source.format == "semantic":
+        return SemanticReader(source)
+    from knet.data.parquet import ParquetReader
+
+    return ParquetReader(source)

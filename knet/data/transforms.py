@@ -1,0 +1,113 @@
+"""Train/test transforms applied to an image and its masks together (torch only).
+
+Images stay uint8 (3, h, w) until ``normalize``; masks are bool (M, h, w). Randomness comes only
+from the ``torch.Generator`` passed in, so a seed fixes every choice.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from knet.data.config import TransformConfig
+
+
+def scaled_size(height: int, width: int, short_side: int, max_size: int) -> tuple[int, int]:
+    """Size with the short side at ``short_side`` unless that pushes the long side past ``max_size``."""
+    scale = min(short_side / min(height, width), max_size / max(height, width))
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def resize(
+    image: torch.Tensor, target: dict[str, Any], size: tuple[int, int]
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Bilinear image, nearest masks (same pixel-centre mapping); segments emptied are dropped."""
+    if tuple(image.shape[-2:]) == tuple(size):
+        return image, target
+    resized = F.interpolate(image[None].float(), size=size, mode="bilinear", align_corners=False)[0]
+    image = resized.round().clamp(0, 255).to(torch.uint8)
+    masks = target["masks"]
+    if masks.shape[0] == 0:  # interpolate refuses empty batches
+        masks = torch.zeros(0, *size, dtype=torch.bool)
+    else:
+        masks = F.interpolate(masks[None].to(torch.uint8), size=size, mode="nearest-exact")[
+            0
+        ].bool()  # (M, h, w)
+    return image, _keep_nonempty({**target, "masks": masks})
+
+
+def hflip(image: torch.Tensor, target: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+    return image.flip(-1), {**target, "masks": target["masks"].flip(-1)}
+
+
+def crop(
+    image: torch.Tensor, target: dict[str, Any], top: int, left: int, height: int, width: int
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Crop both; a segment cut in pieces stays one segment, one emptied by the crop is dropped."""
+    image = image[:, top : top + height, left : left + width]
+    masks = target["masks"][:, top : top + height, left : left + width]
+    return image, _keep_nonempty({**target, "masks": masks})
+
+
+def _keep_nonempty(target: dict[str, Any]) -> dict[str, Any]:
+    keep = target["masks"].flatten(1).any(1)  # (M,)
+    if bool(keep.all()):
+        return target
+    out = dict(target)
+    for key in ("labels", "masks", "iscrowd"):
+        if key in out:
+            out[key] = out[key][keep]
+    return out
+
+
+def normalize(image: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """uint8 (3, h, w) RGB -> float (3, h, w) ``(x - mean) / std``."""
+    mean_t = torch.tensor(mean, dtype=torch.float32)[:, None, None]
+    std_t = torch.tensor(std, dtype=torch.float32)[:, None, None]
+    return (image.float() - mean_t) / std_t
+
+
+def train_transform(
+    image: torch.Tensor, target: dict[str, Any], cfg: TransformConfig, generator: torch.Generator
+) -> tuple[torch.Tensor, dict[str, Any], dict[str, Any]]:
+    """Multi-scale resize, random flip, random crop, normalise. Returns (image, target, info)."""
+    h, w = image.shape[-2:]
+    if cfg.train_short_sides is not None:
+        pick = int(torch.randint(len(cfg.train_short_sides), (), generator=generator))
+        short = cfg.train_short_sides[pick]
+    else:
+        lo, hi = cfg.train_short_range
+        short = int(torch.randint(lo, hi + 1, (), generator=generator))
+    image, target = resize(image, target, scaled_size(h, w, short, cfg.max_size))
+    flipped = bool(torch.rand((), generator=generator) < cfg.flip_prob)
+    if flipped:
+        image, target = hflip(image, target)
+    if cfg.crop_size is not None:
+        h, w = image.shape[-2:]
+        ch, cw = min(cfg.crop_size[0], h), min(cfg.crop_size[1], w)
+        top = int(torch.randint(h - ch + 1, (), generator=generator))
+        left = int(torch.randint(w - cw + 1, (), generator=generator))
+        image, target = crop(image, target, top, left, ch, cw)
+    info = {"flipped": flipped, "img_size": tuple(image.shape[-2:])}
+    return normalize(image, cfg.mean, cfg.std), target, info
+
+
+def eval_transform(
+    image: torch.Tensor, target: dict[str, Any], cfg: TransformConfig
+) -> tuple[torch.Tensor, dict[str, Any], dict[str, Any]]:
+    """Resize (targets too, so they align with predictions at ``image_sizes``), normalise.
+
+    ``Prediction.resized(meta["orig_size"])`` maps results back to the original image.
+    """
+    h, w = image.shape[-2:]
+    image, target = resize(image, target, scaled_size(h, w, cfg.test_short_side, cfg.test_max_size))
+    info = {"flipped": False, "img_size": tuple(image.shape[-2:])}
+    return normalize(image, cfg.mean, cfg.std), target, info
+
+
+# ``knet.bundle`` imports the test-time transform under this name; ``__test__`` keeps pytest from
+# collecting it as a test wherever it is imported.
+test_transform = eval_transform
+test_transform.__test__ = False  # type: ignore[attr-defined]
