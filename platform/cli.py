@@ -1,0 +1,205 @@
+"""The ``knet`` command. Heavy libraries (torch, Ray, MLflow) are imported inside the commands so that
+``knet --help`` stays fast. Bad input prints one ``error: ...`` line and exits 2 (``--debug``: traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+USER_ERROR_EXIT = 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.command(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, NotADirectoryError, KeyError) as error:
+        if args.debug:
+            raise
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"error: {message}", file=sys.stderr)
+        return USER_ERROR_EXIT
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="knet", description="K-Net training, tuning, prediction and data tools."
+    )
+    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
+
+    run = commands.add_parser(
+        "run",
+        help="train an experiment on Ray Train, tracked in MLflow (a tune section: a Ray Tune search)",
+    )
+    _experiment_args(run)
+    run.add_argument(
+        "--resume", action="store_true", help="continue the latest run (or search) of this experiment"
+    )
+    run.add_argument(
+        "--from-checkpoint", metavar="URI", help="fine-tune from a checkpoint folder or runs:/ URI"
+    )
+    run.set_defaults(command=_run)
+
+    show = commands.add_parser("show-config", help="print the fully resolved experiment YAML")
+    _experiment_args(show)
+    show.set_defaults(command=_show_config)
+
+    predict = commands.add_parser("predict", help="predict images with a model bundle or MLflow model URI")
+    predict.add_argument(
+        "--model", required=True, metavar="URI", help="bundle folder, models:/name@alias or runs:/"
+    )
+    predict.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="image files or folders")
+    predict.add_argument("--out", required=True, type=Path, metavar="DIR")
+    predict.add_argument("--tracking-uri", help="MLflow store holding the model (default: ./.knet/mlflow.db)")
+    predict.add_argument("--task-part", choices=("panoptic", "instance", "semantic"))
+    predict.set_defaults(command=_predict)
+
+    evaluate = commands.add_parser("eval", help="evaluate a model on an experiment's val set")
+    evaluate.add_argument("--model", required=True, metavar="URI")
+    evaluate.add_argument("--tracking-uri")
+    _experiment_args(evaluate)
+    evaluate.set_defaults(command=_eval)
+
+    data = commands.add_parser("data", help="dataset tools").add_subparsers(required=True, metavar="ACTION")
+    synth = data.add_parser("synth", help="write the synthetic shapes dataset (all three formats)")
+    synth.add_argument("out", type=Path)
+    synth.add_argument("--images", type=int, required=True)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--size", type=int, nargs=2, default=(128, 128), metavar=("H", "W"))
+    synth.set_defaults(command=_data_synth)
+    check = data.add_parser("check", help="validate a dataset folder or file and print a summary")
+    check.add_argument("source")
+    check.set_defaults(command=_data_check)
+    pack = data.add_parser("pack", help="pack a dataset into Parquet shards")
+    pack.add_argument("source")
+    pack.add_argument("out")
+    pack.add_argument("--shard-size", type=int, default=256)
+    pack.set_defaults(command=_data_pack)
+
+    results = commands.add_parser("evaluate-results", help="metrics of result files (prints JSON)")
+    results.add_argument("task", choices=("panoptic", "instance", "semantic"))
+    results.add_argument("--gt", required=True)
+    results.add_argument("--pred", required=True)
+    results.add_argument("--num-classes", type=int, help="semantic: number of contiguous class ids")
+    results.add_argument("--reduce-zero-label", action="store_true", help="semantic: GT 0 is ignored")
+    results.set_defaults(command=_evaluate_results)
+    return parser
+
+
+def _experiment_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("experiment", type=Path, metavar="X.yaml")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="dotted override, value parsed as YAML (repeatable), e.g. --set train.lr=2e-4",
+    )  # fmt: skip
+
+
+def _load(args: argparse.Namespace):
+    from knet_platform.experiment import load_experiment
+
+    return load_experiment(args.experiment, args.overrides)
+
+
+def _run(args: argparse.Namespace) -> int:
+    experiment = _load(args)  # validated before Ray starts
+    if experiment.tune is not None:
+        return _search(args, experiment)
+    from knet_platform.runner import run_experiment
+
+    summary = run_experiment(experiment, resume=args.resume, from_checkpoint=args.from_checkpoint)
+    print(json.dumps({k: v for k, v in summary.metrics.items() if isinstance(v, (int, float))}, indent=2))
+    print(f"run id: {summary.run_id}\nmodel: {summary.model_uri}\nbest checkpoint: {summary.best_checkpoint}")
+    print(f"browse: {summary.mlflow_ui_command}")
+    return 0
+
+
+def _search(args: argparse.Namespace, experiment) -> int:
+    if args.from_checkpoint is not None:
+        raise ValueError(
+            "--from-checkpoint starts one training run; a search starts every trial from scratch. "
+            "Drop --from-checkpoint, or remove the tune section to fine-tune."
+        )
+    from knet_platform.tuning import run_search
+
+    summary = run_search(experiment, resume=args.resume)  # prints the trial table
+    print(f"model: {summary.model_uri}")
+    return 0
+
+
+def _show_config(args: argparse.Namespace) -> int:
+    import yaml
+
+    experiment = _load(args)
+    resolved = experiment.to_dict()
+    resolved["model"] = experiment.model_config(None).to_dict()
+    resolved["model"].pop("num_thing_classes")
+    resolved["model"].pop("num_stuff_classes")  # class counts come from the dataset at run time
+    print("# resolved; model class counts are filled from the dataset's categories at run time")
+    print(yaml.safe_dump(resolved, sort_keys=False), end="")
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from knet_platform.predict import load_model, predict_paths
+
+    bundle = load_model(args.model, tracking_uri=args.tracking_uri)
+    written = predict_paths(bundle, args.inputs, args.out, task_part=args.task_part)
+    print(f"wrote {len(written)} files to {args.out}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    experiment = _load(args)
+    from knet_platform.predict import evaluate_bundle, load_model
+
+    metrics = evaluate_bundle(load_model(args.model, tracking_uri=args.tracking_uri), experiment)
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def _data_synth(args: argparse.Namespace) -> int:
+    from knet.data import synthesize
+
+    dataset = synthesize(args.out, num_images=args.images, seed=args.seed, image_size=tuple(args.size))
+    print(f"wrote {dataset.num_train} train + {dataset.num_val} val images to {args.out}")
+    return 0
+
+
+def _data_check(args: argparse.Namespace) -> int:
+    from knet.data.check import check_dataset
+
+    report = check_dataset(args.source)
+    print(report.summary())
+    return 0 if report.ok else 1
+
+
+def _data_pack(args: argparse.Namespace) -> int:
+    from knet.data.check import detect_source
+    from knet.data.parquet import pack_dataset
+
+    manifest = pack_dataset(detect_source(args.source), args.out, shard_size=args.shard_size)
+    print(f"wrote {len(manifest.shards)} shards to {manifest.root}")
+    return 0
+
+
+def _evaluate_results(args: argparse.Namespace) -> int:
+    from knet.evaluation import evaluate_results
+
+    metrics = evaluate_results(
+        args.task, args.gt, args.pred, num_classes=args.num_classes, reduce_zero_label=args.reduce_zero_label
+    )
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,634 @@
+"""The experiment YAML as validating dataclasses: one file describes data, model, training, scaling,
+tracking and (optionally) a Tune search.
+
+Everything is checked here, before Ray, MLflow or torch do anything expensive: unknown keys (with a
+did-you-mean and the dotted path), wrong types, missing local data paths, impossible combinations.
+Every problem raises one ``ExperimentError`` naming the key and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from knet_platform.overrides import apply_overrides, parse_override
+
+from knet import KNetConfig
+from knet.data import DataSource, TransformConfig
+
+if typing.TYPE_CHECKING:
+    from knet.data import CategoryTable
+
+Task = Literal["panoptic", "instance", "semantic"]
+Mode = Literal["max", "min"]
+SYNTHETIC_PLACEHOLDER = "{synthetic}"  # in data paths: replaced by data.synthetic.cache_dir
+_PATH_FIELDS = ("images", "annotations", "masks", "shards")
+
+
+class ExperimentError(ValueError):
+    """A bad experiment file or override; the message names the key and the fix."""
+
+
+@dataclass
+class SyntheticConfig:
+    """Generated shapes dataset (``knet.data.synthesize``), written once into ``cache_dir``."""
+
+    num_images: int = 64
+    seed: int = 0
+    image_size: list[int] = field(default_factory=lambda: [128, 128])
+    cache_dir: str = ".knet/data/synthetic"
+
+    def __post_init__(self) -> None:
+        _require(self.num_images >= 2, "data.synthetic.num_images", "must be >= 2 (train and val)")
+        _require(
+            len(self.image_size) == 2 and min(self.image_size) >= 32,
+            "data.synthetic.image_size",
+            "must be [H, W] with both >= 32",
+        )
+
+
+@dataclass
+class DataConfig:
+    train: DataSource | None = None
+    val: DataSource | None = None
+    transforms: TransformConfig = field(default_factory=TransformConfig)
+    synthetic: SyntheticConfig | None = None
+    num_workers: int = 2  # DataLoader workers per Ray worker
+
+    def __post_init__(self) -> None:
+        _require(self.num_workers >= 0, "data.num_workers", "must be >= 0 (0 loads in the worker)")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation schedule. ``batch_size`` is per Ray worker; ``lr_steps`` are epochs."""
+
+    epochs: int = 12
+    batch_size: int = 2
+    lr: float = 1e-4
+    weight_decay: float = 0.05
+    backbone_lr_mult: float = 0.25
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_iters: int = 1000
+    warmup_ratio: float = 1e-3
+    lr_steps: list[int] = field(default_factory=lambda: [8, 11])
+    lr_gamma: float = 0.1
+    grad_clip: float | None = 1.0
+    amp: bool = True  # CUDA only; the trainer ignores it on CPU with a logged note
+    eval_interval: int = 1
+    checkpoint_interval: int = 1
+    keep_checkpoints: int = 2
+    seed: int = 0
+    max_steps_per_epoch: int | None = None
+    log_every: int = 10
+    metric: str = "val/pq"
+    mode: Mode = "max"
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "eval_interval", "checkpoint_interval", "keep_checkpoints"):
+            _require(getattr(self, name) >= 1, f"train.{name}", "must be >= 1")
+        _require(self.lr > 0, "train.lr", "must be > 0")
+        _require(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+        _require(self.backbone_lr_mult >= 0, "train.backbone_lr_mult", "must be >= 0")
+        _require(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            "train.betas",
+            "must be two numbers in [0, 1)",
+        )
+        _require(self.warmup_iters >= 0, "train.warmup_iters", "must be >= 0")
+        _require(0 < self.warmup_ratio <= 1, "train.warmup_ratio", "must be in (0, 1]")
+        _require(
+            list(self.lr_steps) == sorted(self.lr_steps) and all(s >= 1 for s in self.lr_steps),
+            "train.lr_steps",
+            "must be increasing epochs >= 1",
+        )
+        _require(0 < self.lr_gamma <= 1, "train.lr_gamma", "must be in (0, 1]")
+        _require(self.grad_clip is None or self.grad_clip > 0, "train.grad_clip", "must be > 0 or null")
+        _require(
+            self.max_steps_per_epoch is None or self.max_steps_per_epoch >= 1,
+            "train.max_steps_per_epoch",
+            "must be >= 1 or null (whole epoch)",
+        )
+        _require(self.log_every >= 0, "train.log_every", "must be >= 0 (0 = per epoch only)")
+        _require(
+            re.fullmatch(r"(train|val)/\w+", self.metric) is not None,
+            "train.metric",
+            f"must look like 'val/pq' or 'train/loss', got {self.metric!r}",
+        )
+
+
+@dataclass
+class ScalingConfig:
+    num_workers: int = 2
+    use_gpu: bool = False
+    resources_per_worker: dict[str, float] = field(default_factory=lambda: {"CPU": 1.0})
+
+    def __post_init__(self) -> None:
+        _require(self.num_workers >= 1, "scaling.num_workers", "must be >= 1")
+        _require(
+            all(v >= 0 for v in self.resources_per_worker.values()),
+            "scaling.resources_per_worker",
+            "amounts must be >= 0",
+        )
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow and Ray storage. ``None`` paths default under ``<cwd>/.knet`` (resolved by the runner)."""
+
+    uri: str | None = None
+    artifact_location: str | None = None
+    experiment_name: str | None = None
+    registered_model: str | None = None
+    alias: str = "champion"
+    log_checkpoints: Literal["best", "all", "none"] = "best"
+    storage_path: str | None = None
+
+    def __post_init__(self) -> None:
+        _require(bool(self.alias), "tracking.alias", "must be a non-empty string")
+
+
+@dataclass
+class SearchSpec:
+    """One search dimension; YAML form ``{choice: [...]}`` / ``{loguniform: [1e-5, 1e-3]}``."""
+
+    op: Literal["choice", "grid", "uniform", "loguniform", "randint", "qrandint"]
+    args: list[Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {self.op: list(self.args)}
+
+
+@dataclass
+class SchedulerConfig:
+    type: Literal["asha", "fifo"] = "asha"
+    grace_period: int = 1
+    reduction_factor: int = 2
+    max_epochs: int | None = None  # None -> train.epochs
+
+    def __post_init__(self) -> None:
+        _require(self.grace_period >= 1, "tune.scheduler.grace_period", "must be >= 1")
+        _require(self.reduction_factor >= 2, "tune.scheduler.reduction_factor", "must be >= 2")
+        _require(
+            self.max_epochs is None or self.max_epochs >= self.grace_period,
+            "tune.scheduler.max_epochs",
+            "must be >= grace_period or null",
+        )
+
+
+@dataclass
+class TuneConfig:
+    space: dict[str, SearchSpec] = field(default_factory=dict)
+    num_samples: int = 1
+    metric: str | None = None  # None -> train.metric
+    mode: Mode | None = None  # None -> train.mode
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    search_alg: Literal["random", "grid", "optuna"] = "random"
+    max_concurrent_trials: int | None = None
+    trial_driver_cpus: float = 0.25  # CPU reserved per trial for its Train driver (platform-notes)
+
+    def __post_init__(self) -> None:
+        _require(bool(self.space), "tune.space", "must name at least one dotted key to search")
+        _require(self.num_samples >= 1, "tune.num_samples", "must be >= 1")
+        _require(
+            self.max_concurrent_trials is None or self.max_concurrent_trials >= 1,
+            "tune.max_concurrent_trials",
+            "must be >= 1 or null",
+        )
+        _require(self.trial_driver_cpus >= 0, "tune.trial_driver_cpus", "must be >= 0")
+
+
+@dataclass
+class Experiment:
+    """One experiment file. Paths are absolute once built (see ``from_dict``'s ``base_dir``)."""
+
+    name: str
+    task: Task
+    model: dict[str, Any] = field(default_factory=dict)  # validated by KNetConfig.from_dict
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    tune: TuneConfig | None = None
+
+    # ---- building ------------------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, base_dir: str | Path | None = None) -> Experiment:
+        """Strict build; relative data paths resolve against ``base_dir`` (default: cwd), the
+        synthetic cache and tracking paths against the cwd."""
+        experiment = _build(cls, data, "")
+        experiment._resolve(Path(base_dir) if base_dir is not None else Path.cwd())
+        experiment._check()
+        return experiment
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain YAML-safe dicts; ``from_dict(to_dict())`` gives an equal experiment."""
+        return _plain(self)
+
+    def with_overrides(self, overrides: dict[str, Any]) -> Experiment:
+        """A new, validated experiment with dotted keys (``model.num_proposals``) replaced."""
+        raw = apply_overrides(self.to_dict(), overrides, model_keys=_model_keys(self.task))
+        try:
+            return Experiment.from_dict(raw)
+        except ExperimentError as error:
+            keys = ", ".join(overrides)
+            raise ExperimentError(f"{error} (after overriding {keys})") from None
+
+    # ---- derived -------------------------------------------------------------------------
+
+    def model_config(self, categories: CategoryTable | None = None) -> KNetConfig:
+        """The ``KNetConfig``: the task's paper preset, the ``model`` section over it, and class
+        counts from ``categories`` (a placeholder count when None, for validation only)."""
+        section = dict(self.model)
+        if section.pop("task", self.task) != self.task:
+            raise ExperimentError(
+                f"model.task={self.model['task']!r} differs from task={self.task!r}: remove model.task"
+            )
+        counts = {"num_thing_classes": section.pop("num_thing_classes", None)}
+        counts["num_stuff_classes"] = section.pop("num_stuff_classes", None)
+        if categories is not None:
+            found = {
+                "num_thing_classes": categories.num_thing_classes,
+                "num_stuff_classes": categories.num_stuff_classes,
+            }
+            for key, value in counts.items():
+                if value is not None and value != found[key]:
+                    raise ExperimentError(
+                        f"model.{key}={value} but the dataset has {found[key]}: remove model.{key} "
+                        "(class counts come from the dataset's categories)"
+                    )
+            counts = found
+        else:
+            placeholder = {"panoptic": (1, 1), "instance": (1, 0), "semantic": (0, 2)}[self.task]
+            counts = {
+                "num_thing_classes": placeholder[0]
+                if counts["num_thing_classes"] is None
+                else counts["num_thing_classes"],
+                "num_stuff_classes": placeholder[1]
+                if counts["num_stuff_classes"] is None
+                else counts["num_stuff_classes"],
+            }
+        backbone = section.pop("backbone", {})
+        try:
+            return KNetConfig.for_task(self.task, backbone=backbone or "resnet50", **counts, **section)
+        except (ValueError, TypeError) as error:
+            raise ExperimentError(f"model: {error}") from None
+
+    def resolved_paths(self) -> dict[str, str]:
+        """Every data path by dotted key, absolute (already resolved when the experiment was built)."""
+        paths = {}
+        for split in ("train", "val"):
+            source = getattr(self.data, split)
+            for name in _PATH_FIELDS if source is not None else ():
+                if getattr(source, name):
+                    paths[f"data.{split}.{name}"] = getattr(source, name)
+        if self.data.synthetic is not None:
+            paths["data.synthetic.cache_dir"] = self.data.synthetic.cache_dir
+        return paths
+
+    # ---- internals -----------------------------------------------------------------------
+
+    def _resolve(self, base_dir: Path) -> None:
+        synthetic = self.data.synthetic
+        if synthetic is not None:
+            synthetic.cache_dir = str(_absolute(synthetic.cache_dir, Path.cwd()))
+        for split in ("train", "val"):
+            source = getattr(self.data, split)
+            for name in _PATH_FIELDS if source is not None else ():
+                value = getattr(source, name)
+                if not value or "://" in value:
+                    continue
+                if SYNTHETIC_PLACEHOLDER in value:
+                    if synthetic is None:
+                        raise ExperimentError(
+                            f"data.{split}.{name}={value!r} uses {SYNTHETIC_PLACEHOLDER} but there is no "
+                            "data.synthetic section: add one or write the real path"
+                        )
+                    value = value.replace(SYNTHETIC_PLACEHOLDER, synthetic.cache_dir)
+                setattr(source, name, str(_absolute(value, base_dir)))
+        for name in ("storage_path", "artifact_location"):
+            value = getattr(self.tracking, name)
+            if value and "://" not in value:
+                setattr(self.tracking, name, str(_absolute(value, Path.cwd())))
+
+    def _check(self) -> None:
+        _require(
+            bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*", self.name)), "name", "use letters, digits, '.', '_', '-'"
+        )
+        self.model_config(None)  # the model section must build a valid KNetConfig for this task
+        weights = self.model_config(None).backbone.pretrained_path
+        if weights and "://" not in weights and not Path(weights).is_file():
+            raise ExperimentError(
+                f"model.backbone.pretrained_path: {weights} does not exist. Point it at a local weights "
+                "file (nothing is downloaded) or set it to null for random initialisation."
+            )
+        metric = self.train.metric
+        if metric.startswith("val/"):
+            _require(
+                self.data.val is not None,
+                "train.metric",
+                f"{metric!r} needs data.val; set data.val or use 'train/loss'",
+            )
+            known = _VAL_METRICS[self.task]
+            _require(
+                metric[4:] in known,
+                "train.metric",
+                f"{metric!r} is not reported for task {self.task!r}; use one of "
+                + ", ".join(f"val/{m}" for m in known),
+            )
+        _require(self.data.train is not None, "data.train", "set a DataSource (format, images, ...)")
+        expected_format = {
+            "panoptic": ("coco_panoptic", "parquet"),
+            "instance": ("coco_instance", "parquet"),
+            "semantic": ("semantic", "parquet"),
+        }[self.task]
+        for split in ("train", "val"):
+            source = getattr(self.data, split)
+            if source is None:
+                continue
+            _require(
+                source.format in expected_format,
+                f"data.{split}.format",
+                f"{source.format!r} does not fit task {self.task!r}; use {' or '.join(expected_format)}",
+            )
+            for name in _PATH_FIELDS:
+                value = getattr(source, name)
+                if not value or "://" in value or Path(value).exists():
+                    continue
+                synthetic = self.data.synthetic
+                if synthetic is not None and Path(value).is_relative_to(synthetic.cache_dir):
+                    continue  # generated on first run
+                raise ExperimentError(
+                    f"data.{split}.{name}: {value} does not exist. Fix the path (relative paths are "
+                    "resolved against the YAML file's folder) or add a data.synthetic section."
+                )
+        if self.tune is not None:
+            self._check_tune()
+
+    def _check_tune(self) -> None:
+        assert self.tune is not None
+        model_keys = _model_keys(self.task)
+        base = self.to_dict()
+        for key, spec in self.tune.space.items():
+            _check_spec(key, spec)
+            values = spec.args if spec.op in ("choice", "grid") else spec.args[:1]
+            for value in values:
+                try:
+                    raw = apply_overrides(base, {key: value}, model_keys=model_keys)
+                    raw.pop("tune", None)
+                    Experiment.from_dict(raw)
+                except ExperimentError as error:
+                    raise ExperimentError(f"tune.space.{key}: {error}") from None
+
+
+_VAL_METRICS = {
+    "panoptic": (
+        "pq",
+        "sq",
+        "rq",
+        "pq_th",
+        "sq_th",
+        "rq_th",
+        "pq_st",
+        "sq_st",
+        "rq_st",
+        "mask_ap",
+        "mask_ap50",
+        "mask_ap75",
+        "miou",
+        "macc",
+        "aacc",
+    ),
+    "instance": ("mask_ap", "mask_ap50", "mask_ap75", "mask_aps", "mask_apm", "mask_apl"),
+    "semantic": ("miou", "macc", "aacc"),
+}
+_SPEC_ARITY = {"uniform": 2, "loguniform": 2, "randint": 2, "qrandint": 3}
+
+
+def load_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Experiment:
+    """Read an experiment YAML (``yaml.safe_load``) and apply ``--set key=value`` strings."""
+    path = Path(path)
+    if not path.is_file():
+        raise ExperimentError(f"experiment file {path} does not exist: pass the path of a YAML file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ExperimentError(f"{path} is not valid YAML: {error}") from None
+    if not isinstance(raw, dict):
+        raise ExperimentError(f"{path} must hold a mapping with name, task, model, data, ...")
+    parsed = dict(parse_override(text) for text in overrides)
+    task = raw.get("task", parsed.get("task"))
+    raw = apply_overrides(raw, parsed, model_keys=_model_keys(task if task in _VAL_METRICS else "panoptic"))
+    return Experiment.from_dict(raw, base_dir=path.parent.absolute())
+
+
+def flatten_params(experiment: Experiment) -> dict[str, str]:
+    """Dotted key -> string for MLflow params; secrets are masked (keys like password/token/secret,
+    and ``user:pass@`` inside URIs)."""
+    flat: dict[str, str] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict) and value:
+            for key, item in value.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), item)
+            return
+        leaf = prefix.rsplit(".", 1)[-1].lower()
+        if _SECRET_KEY.search(leaf):
+            flat[prefix] = "***"
+        else:
+            flat[prefix] = _URI_CREDENTIALS.sub(r"\1***@", str(value))
+
+    walk("", experiment.to_dict())
+    return flat
+
+
+_SECRET_KEY = re.compile(r"password|passwd|token|secret|api_?key|access_?key|credential")
+_URI_CREDENTIALS = re.compile(r"(://)[^/@\s]+@")
+
+
+# ---- strict building from dicts ------------------------------------------------------------
+
+
+def _require(condition: bool, key: str, fix: str) -> None:
+    if not condition:
+        raise ExperimentError(f"{key}: {fix}")
+
+
+def _absolute(value: str, base: Path) -> Path:
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else (base / path).resolve()
+
+
+def _model_keys(task: str) -> set[str]:
+    """Every dotted key of the model section (from the task's resolved KNetConfig)."""
+    counts = {"panoptic": (1, 1), "instance": (1, 0), "semantic": (0, 2)}[task]
+    config = KNetConfig.for_task(task, num_thing_classes=counts[0], num_stuff_classes=counts[1])
+    keys: set[str] = set()
+
+    def walk(prefix: str, value: Any) -> None:
+        keys.add(prefix)
+        if isinstance(value, dict):
+            for key, item in value.items():
+                walk(f"{prefix}.{key}", item)
+
+    walk("model", config.to_dict())
+    return keys
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    """Instantiate dataclass ``cls`` from ``data`` with key and type checks (dotted ``prefix``)."""
+    where = prefix.rstrip(".") or "the experiment"
+    if isinstance(data, cls):
+        return data
+    if data is None and cls is not Experiment:
+        data = {}
+    if not isinstance(data, dict):
+        raise ExperimentError(f"{where}: expected a mapping, got {type(data).__name__} {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"did you mean '{prefix}{close[0]}'?" if close else f"known keys: {', '.join(names)}"
+            raise ExperimentError(f"unknown key '{prefix}{key}': {hint}")
+        kwargs[key] = _conform(value, hints[key], f"{prefix}{key}")
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in kwargs and _required(f)]
+    if missing:
+        raise ExperimentError(f"{prefix}{missing[0]} is missing: add it to the YAML")
+    try:
+        return cls(**kwargs)
+    except ExperimentError:
+        raise
+    except (ValueError, TypeError) as error:
+        raise ExperimentError(f"{where}: {error}") from None
+
+
+def _required(f: dataclasses.Field) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
+def _conform(value: Any, tp: Any, key: str) -> Any:
+    """``value`` checked against type ``tp`` (ints accepted for floats); raises naming ``key``."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        errors = []
+        for option in options:
+            try:
+                return _conform(value, option, key)
+            except ExperimentError as error:
+                errors.append(error)
+        if len(options) == 1:
+            raise errors[0]
+        raise ExperimentError(f"{key}: expected {_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ExperimentError(f"{key}: {value!r} is not allowed; use one of {', '.join(map(repr, args))}")
+        return value
+    if tp is Any:
+        return value
+    if tp in (DataSource, TransformConfig):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ExperimentError(f"{key}: expected a mapping ({tp.__name__}), got {value!r}")
+        try:
+            return tp.from_dict(value)
+        except (ValueError, TypeError) as error:
+            raise ExperimentError(f"{key}: {error}") from None
+    if tp is SearchSpec:
+        return _search_spec(value, key)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, f"{key}.")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ExperimentError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ExperimentError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str) and _YAML11_FLOAT.fullmatch(value.strip()):
+            value = float(value)  # PyYAML (YAML 1.1) reads 1e-4 as a string; YAML 1.2 reads a float
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ExperimentError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ExperimentError(f"{key}: expected a string, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ExperimentError(f"{key}: expected a list, got {value!r}")
+        return [_conform(item, args[0], f"{key}[{i}]") for i, item in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ExperimentError(f"{key}: expected a mapping, got {value!r}")
+        return {_conform(k, args[0], key): _conform(v, args[1], f"{key}.{k}") for k, v in value.items()}
+    raise TypeError(f"experiment schema: no rule for type {tp!r} at {key}")  # a bug here, not in the YAML
+
+
+_YAML11_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def _name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _search_spec(value: Any, key: str) -> SearchSpec:
+    if isinstance(value, SearchSpec):
+        return value
+    ops = typing.get_args(typing.get_type_hints(SearchSpec)["op"])
+    if not (isinstance(value, dict) and len(value) == 1):
+        raise ExperimentError(
+            f"{key}: write one operator, e.g. {{choice: [50, 100]}}; operators: {', '.join(ops)}"
+        )
+    ((op, args),) = value.items()
+    if op not in ops:
+        close = difflib.get_close_matches(str(op), ops, n=1)
+        hint = f"did you mean '{close[0]}'?" if close else f"use one of {', '.join(ops)}"
+        raise ExperimentError(f"{key}: unknown operator '{op}': {hint}")
+    if not isinstance(args, list) or not args:
+        raise ExperimentError(f"{key}.{op}: expected a non-empty list, got {args!r}")
+    return SearchSpec(op=op, args=list(args))
+
+
+def _check_spec(key: str, spec: SearchSpec) -> None:
+    arity = _SPEC_ARITY.get(spec.op)
+    where = f"tune.space.{key}.{spec.op}"
+    if arity is None:
+        return
+    if len(spec.args) != arity or not all(
+        isinstance(a, (int, float)) and not isinstance(a, bool) for a in spec.args
+    ):
+        raise ExperimentError(f"{where}: expected {arity} numbers, got {spec.args!r}")
+    if spec.args[0] >= spec.args[1]:
+        raise ExperimentError(f"{where}: low must be < high, got {spec.args!r}")
+    if spec.op == "loguniform" and spec.args[0] <= 0:
+        raise ExperimentError(f"{where}: loguniform needs low > 0, got {spec.args!r}")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, SearchSpec):
+        return value.to_dict()
+    if isinstance(value, (DataSource, TransformConfig)):
+        return _plain(value.to_dict())
+    if dataclasses.is_dataclass(value):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

@@ -1,0 +1,153 @@
+"""The MLflow model registry: log a model bundle as a pyfunc, register it, move the alias if it wins.
+
+The model version carries the metric it was selected by as tags (``knet.metric``, ``knet.metric_value``,
+``knet.metric_mode``), so the next run can compare itself with the current champion without opening
+the champion's run. ``download_model`` is the way back: a ``models:/...`` URI to a bundle folder that
+``knet.bundle.load_bundle`` reads.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import mlflow
+import yaml
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+PYFUNC_MODEL_FILE = Path(__file__).with_name("pyfunc_model.py")
+MODEL_ARTIFACT_NAME = "model"
+METRIC_TAG, VALUE_TAG, MODE_TAG = "knet.metric", "knet.metric_value", "knet.metric_mode"
+_RUNTIME_REQUIREMENTS = ("torch", "torchvision", "timm", "numpy", "scipy", "pillow", "pycocotools", "pyyaml")
+
+
+@dataclass(frozen=True)
+class RegisteredModel:
+    """A registered version and whether it now holds the alias.
+
+    model_uri: ``models:/<name>/<version>``; alias_uri: ``models:/<name>@<alias>`` (the champion, which
+    may be an older version when this one did not win); reason: why the alias moved or stayed.
+    """
+
+    name: str
+    version: str
+    model_uri: str
+    alias: str
+    alias_uri: str
+    is_champion: bool
+    reason: str
+
+
+def log_and_register(
+    bundle_dir: str | Path,
+    *,
+    tracking_uri: str,
+    run_id: str,
+    registered_model: str,
+    alias: str,
+    metric: str,
+    metric_value: float,
+    mode: str,
+) -> RegisteredModel:
+    """Log ``bundle_dir`` as the run's pyfunc model, register a new version of ``registered_model``
+    and give it ``alias`` when its metric beats the current holder's (or no version holds it yet)."""
+    if mode not in ("max", "min"):
+        raise ValueError(f"mode={mode!r}: use 'max' or 'min'")
+    with _store(tracking_uri):
+        with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
+            info = mlflow.pyfunc.log_model(
+                name=MODEL_ARTIFACT_NAME,
+                python_model=str(PYFUNC_MODEL_FILE),
+                artifacts={"bundle": str(bundle_dir)},
+                pip_requirements=_pinned_requirements(),
+            )
+        version = mlflow.register_model(info.model_uri, registered_model)
+
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    for key, value in ((METRIC_TAG, metric), (VALUE_TAG, repr(float(metric_value))), (MODE_TAG, mode)):
+        client.set_model_version_tag(registered_model, version.version, key, value)
+    wins, reason = _beats_champion(client, registered_model, alias, metric, float(metric_value), mode)
+    if wins:
+        client.set_registered_model_alias(registered_model, alias, version.version)
+    return RegisteredModel(
+        name=registered_model,
+        version=str(version.version),
+        model_uri=f"models:/{registered_model}/{version.version}",
+        alias=alias,
+        alias_uri=f"models:/{registered_model}@{alias}",
+        is_champion=wins,
+        reason=reason,
+    )
+
+
+def download_model(model_uri: str, tracking_uri: str, dst: str | Path) -> Path:
+    """Download a logged/registered model (``models:/name@alias``, ``models:/name/3``, ``runs:/...``)
+    into ``dst`` and return its bundle folder (what ``knet.bundle.load_bundle`` reads)."""
+    with _store(tracking_uri):
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst)))
+    mlmodel = local / "MLmodel"
+    if not mlmodel.is_file():
+        raise ValueError(f"{model_uri} is not an MLflow model (no MLmodel file in {local}).")
+    flavors = yaml.safe_load(mlmodel.read_text()).get("flavors", {})
+    artifacts = flavors.get("python_function", {}).get("artifacts", {})
+    if "bundle" not in artifacts:
+        raise ValueError(
+            f"{model_uri} is not a knet model: its pyfunc flavor has no 'bundle' artifact "
+            f"(found {sorted(artifacts)}). Log models with knet_platform.registry.log_and_register."
+        )
+    return local / artifacts["bundle"]["path"]
+
+
+@contextmanager
+def _store(tracking_uri: str) -> Iterator[None]:
+    """Point MLflow's fluent API (tracking and registry) at ``tracking_uri`` for a block.
+
+    ``log_model`` needs the fluent API, and resolving ``models:/name@alias`` reads the process-wide
+    registry URI even when a tracking URI is passed explicitly; the previous URIs come back after.
+    """
+    previous_tracking, previous_registry = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous_tracking)
+        mlflow.set_registry_uri(previous_registry)
+
+
+def _beats_champion(
+    client: MlflowClient, name: str, alias: str, metric: str, value: float, mode: str
+) -> tuple[bool, str]:
+    if math.isnan(value):
+        return False, f"{metric} is NaN; the alias '{alias}' stays where it is"
+    try:
+        champion = client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return True, f"no version held '{alias}' yet"
+    tags = champion.tags
+    if tags.get(METRIC_TAG) != metric or tags.get(MODE_TAG) != mode:
+        return False, (
+            f"version {champion.version} holds '{alias}' by {tags.get(METRIC_TAG)!r} ({tags.get(MODE_TAG)}), "
+            f"not comparable with {metric!r} ({mode}); move the alias by hand if this model should win: "
+            f"MlflowClient().set_registered_model_alias({name!r}, {alias!r}, <version>)"
+        )
+    current = float(tags[VALUE_TAG])
+    better = value > current if mode == "max" else value < current
+    relation = "beats" if better else "does not beat"
+    return better, f"{metric}={value:.4g} {relation} version {champion.version}'s {current:.4g} ({mode})"
+
+
+def _pinned_requirements() -> list[str]:
+    """The serving environment's pins: the installed versions of what a bundle needs to run."""
+    pins = []
+    for package in _RUNTIME_REQUIREMENTS:
+        try:
+            pins.append(f"{package}=={metadata.version(package)}")
+        except metadata.PackageNotFoundError:
+            continue  # optional at serving time (e.g. pycocotools is only used by evaluators)
+    return pins

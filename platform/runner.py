@@ -1,0 +1,227 @@
+"""``knet run``: one experiment from YAML to a registered model.
+
+Order matters: validate, check the tracking store, prepare data (all cheap, before Ray starts), start
+or connect Ray, create (or re-open) the MLflow run, fit the Train run, then turn its best checkpoint
+into a model bundle, log it as the run's pyfunc model, register it and move the alias if it wins.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import mlflow
+from knet_platform.checkpointing import load_checkpoint
+from knet_platform.knet_adapter import build_datasets, prepare_data, write_bundle
+from knet_platform.ray_runtime import check_capacity, start_ray, stop_ray
+from knet_platform.registry import RegisteredModel, log_and_register
+from knet_platform.tracking import (
+    RunLogger,
+    TrackingTarget,
+    check_tracking_reachable,
+    create_run,
+    end_run,
+    log_experiment,
+    reopen_run,
+    resolve_tracking,
+)
+from knet_platform.trainer import build_trainer, validate_for_training
+
+if TYPE_CHECKING:
+    from knet_platform.experiment import Experiment
+
+RUN_RECORD = "knet_run.json"  # next to the Ray results: which MLflow run a Ray run logs into
+
+
+@dataclass
+class RunSummary:
+    """What a finished run produced.
+
+    metrics: the best checkpoint's reported metrics; model_uri: ``models:/<name>@<alias>`` (the
+    current champion, which is this run's model only when ``registered.is_champion``).
+    """
+
+    metrics: dict[str, float]
+    run_id: str
+    model_uri: str
+    mlflow_ui_command: str
+    best_checkpoint: str
+    ray_run_name: str
+    registered: RegisteredModel
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def render(self) -> str:
+        shown = {
+            k: v for k, v in self.metrics.items() if k.startswith(("val/", "train/loss")) or k == "epoch"
+        }
+        lines = ["run finished", *(f"  {key:<16} {value:.4f}" for key, value in sorted(shown.items()))]
+        lines += [
+            f"  mlflow run id    {self.run_id}",
+            f"  model version    {self.registered.model_uri}",
+            f"  champion         {self.model_uri} ({self.registered.reason})",
+            f"  best checkpoint  {self.best_checkpoint}",
+            f"  mlflow ui        {self.mlflow_ui_command}",
+        ]
+        return "\n".join(lines)
+
+
+def run_experiment(
+    experiment: Experiment, *, resume: bool = False, from_checkpoint: str | None = None
+) -> RunSummary:
+    """Train ``experiment`` on Ray Train, track it in MLflow, register the best model.
+
+    resume: continue the latest run of this experiment (same Ray run name and storage path, same MLflow
+    run) from its latest checkpoint. from_checkpoint: a checkpoint folder or an MLflow artifact URI
+    (``runs:/<id>/checkpoints/best``) whose weights start this run (fine-tuning).
+    """
+    if resume and from_checkpoint is not None:
+        raise ValueError(
+            "--resume continues a run; --from-checkpoint starts a new one from weights: pick one"
+        )
+    target = resolve_tracking(experiment)
+    validate_for_training(experiment)
+    check_tracking_reachable(target.tracking_uri)
+    prepare_data(experiment)
+    record = _latest_record(target, experiment.name) if resume else None
+
+    runtime = start_ray(num_cpus=None)
+    try:
+        scaling = experiment.scaling
+        check_capacity(scaling.num_workers, dict(scaling.resources_per_worker))
+        if record is not None:
+            run_name, run_id = record["ray_run_name"], record["mlflow_run_id"]
+            reopen_run(target.tracking_uri, run_id)
+            print(f"resuming Ray run {run_name} (MLflow run {run_id})")
+        else:
+            # unique per run: Ray Train resumes any earlier run with the same name and storage path
+            run_name = f"{experiment.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+            run_id = create_run(target, run_name, tags={"knet.ray_run_name": run_name})
+            _write_record(target, experiment.name, run_name, run_id)
+        try:
+            log_experiment(target.tracking_uri, run_id, experiment)
+            summary = _fit_and_register(experiment, target, run_name, run_id, from_checkpoint)
+        except KeyboardInterrupt:
+            end_run(target.tracking_uri, run_id, "KILLED")
+            raise
+        except BaseException:
+            end_run(target.tracking_uri, run_id, "FAILED")
+            raise
+        end_run(target.tracking_uri, run_id, "FINISHED")
+    finally:
+        stop_ray(runtime)
+    print(summary.render())
+    return summary
+
+
+def _fit_and_register(
+    experiment: Experiment, target: TrackingTarget, run_name: str, run_id: str, from_checkpoint: str | None
+) -> RunSummary:
+    logger = RunLogger(target.tracking_uri, run_id)
+    with tempfile.TemporaryDirectory(prefix="knet-run-") as scratch:
+        init_weights = None
+        if from_checkpoint is not None:
+            init_weights = _local_checkpoint(from_checkpoint, target, Path(scratch))
+            logger.set_tag("knet.init_weights_from", from_checkpoint)
+        trainer = build_trainer(
+            experiment,
+            run_name=run_name,
+            storage_path=target.storage_path,
+            mlflow_run_id=run_id,
+            tracking_uri=target.tracking_uri,
+            init_weights_from=init_weights,
+        )
+        result = trainer.fit()
+        metric, mode = experiment.train.metric, experiment.train.mode
+        checkpoint, metrics = _best(result.best_checkpoints or [], metric, mode)
+        logger.set_tag("checkpoint.best", checkpoint.path)
+        with checkpoint.as_directory() as folder:
+            state = load_checkpoint(folder)
+            if target.log_checkpoints == "best":
+                logger.log_checkpoint(folder, "best")
+        categories = build_datasets(experiment).categories
+        bundle = write_bundle(Path(scratch) / "bundle", experiment, categories, state.model)
+        registered = log_and_register(
+            bundle,
+            tracking_uri=target.tracking_uri,
+            run_id=run_id,
+            registered_model=target.registered_model,
+            alias=target.alias,
+            metric=metric,
+            metric_value=float(metrics[metric]),
+            mode=mode,
+        )
+    return RunSummary(
+        metrics={k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
+        run_id=run_id,
+        model_uri=registered.alias_uri,
+        mlflow_ui_command=target.ui_command(),
+        best_checkpoint=checkpoint.path,
+        ray_run_name=run_name,
+        registered=registered,
+    )
+
+
+def _best(candidates: list[tuple[Any, dict[str, Any]]], metric: str, mode: str) -> tuple[Any, dict[str, Any]]:
+    scored = [
+        (c, m) for c, m in candidates if isinstance(m.get(metric), (int, float)) and not math.isnan(m[metric])
+    ]
+    if not scored:
+        raise RuntimeError(
+            f"the run reported no checkpoint with a finite {metric!r}; check train.metric against the "
+            f"reported keys ({sorted(candidates[0][1]) if candidates else 'no checkpoints at all'})"
+        )
+    pick = max if mode == "max" else min
+    return pick(scored, key=lambda pair: pair[1][metric])
+
+
+def _local_checkpoint(source: str, target: TrackingTarget, scratch: Path) -> str:
+    """A checkpoint folder on this machine: ``source`` itself, or downloaded from MLflow."""
+    if "://" in source or source.startswith(("runs:/", "models:/", "mlflow-artifacts:/")):
+        local = mlflow.artifacts.download_artifacts(
+            artifact_uri=source, dst_path=str(scratch / "init"), tracking_uri=target.tracking_uri
+        )
+    else:
+        local = str(Path(source).expanduser().resolve())
+    load_checkpoint(local)  # fails now, naming the folder, if it is not a training checkpoint
+    return local
+
+
+def _record_path(target: TrackingTarget, experiment_name: str) -> Path:
+    if "://" in target.storage_path:
+        raise ValueError(
+            f"--resume keeps its run record next to the Ray results, which needs a local or mounted "
+            f"tracking.storage_path (got {target.storage_path})."
+        )
+    return Path(target.storage_path) / f"{experiment_name}.{RUN_RECORD}"
+
+
+def _write_record(target: TrackingTarget, experiment_name: str, run_name: str, run_id: str) -> None:
+    if "://" in target.storage_path:
+        print(f"note: tracking.storage_path {target.storage_path} is remote; this run cannot be --resumed")
+        return
+    path = _record_path(target, experiment_name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {"ray_run_name": run_name, "mlflow_run_id": run_id, "tracking_uri": target.tracking_uri}
+    path.write_text(json.dumps(record, indent=2))
+
+
+def _latest_record(target: TrackingTarget, experiment_name: str) -> dict[str, str]:
+    path = _record_path(target, experiment_name)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"nothing to resume: no run of {experiment_name!r} was recorded under {target.storage_path} "
+            f"({path.name} is missing). Start it without --resume."
+        )
+    record = json.loads(path.read_text())
+    if record["tracking_uri"] != target.tracking_uri:
+        raise ValueError(
+            f"the run to resume logged to {record['tracking_uri']}, but tracking.uri is now "
+            f"{target.tracking_uri}; resume with the same tracking.uri."
+        )
+    return record

@@ -1,0 +1,115 @@
+"""One Ray Train ``TorchTrainer`` for one experiment: the run ``knet run`` fits and every Tune trial fits.
+
+The trainer's run is named ``run_name`` under ``storage_path``; a new trainer with the same pair
+resumes from that run's latest checkpoint (Ray Train's auto-resume), which is how ``--resume`` and
+Tune trial restarts continue in place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from knet_platform.train_loop import LoopConfig, train_fn_per_worker
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+if TYPE_CHECKING:
+    from knet_platform.experiment import Experiment
+    from ray.train import UserCallback
+
+# Worker failures (a lost node, an OOM-killed process) a run recovers from, from its latest checkpoint.
+DEFAULT_MAX_FAILURES = 2
+
+
+def build_trainer(
+    experiment: Experiment,
+    *,
+    run_name: str,
+    storage_path: str,
+    mlflow_run_id: str | None,
+    tracking_uri: str | None = None,
+    callbacks: Sequence[UserCallback] = (),
+    resume_from: str | None = None,
+    init_weights_from: str | None = None,
+    max_failures: int = DEFAULT_MAX_FAILURES,
+) -> TorchTrainer:
+    """A ``TorchTrainer`` that runs :func:`train_fn_per_worker` on ``scaling.num_workers`` workers.
+
+    mlflow_run_id: the run rank 0 logs into (created by the caller); None turns tracking off.
+    tracking_uri: that run's store; defaults to the experiment's resolved ``tracking.uri``.
+    resume_from: a checkpoint folder to continue from (model, optimizer, epoch...) when Ray has none.
+    init_weights_from: a checkpoint folder whose model weights start this run (fine-tuning; epoch 0).
+    Checkpoints are kept by ``train.metric`` / ``train.mode`` (the best ``train.keep_checkpoints``).
+    """
+    from knet_platform.tracking import resolve_tracking
+
+    validate_for_training(experiment)
+    train = experiment.train
+    mlflow = None
+    if mlflow_run_id is not None:
+        uri = tracking_uri or resolve_tracking(experiment).tracking_uri
+        mlflow = {"tracking_uri": uri, "run_id": mlflow_run_id}
+    loop = LoopConfig(
+        experiment=experiment.to_dict(),
+        mlflow=mlflow,
+        resume_from=resume_from,
+        init_weights_from=init_weights_from,
+        checkpoint_root=f"{storage_path.rstrip('/')}/{run_name}",
+    )
+    scaling = experiment.scaling
+    return TorchTrainer(
+        train_fn_per_worker,
+        train_loop_config=loop.to_dict(),
+        scaling_config=ScalingConfig(
+            num_workers=scaling.num_workers,
+            use_gpu=scaling.use_gpu,
+            resources_per_worker=dict(scaling.resources_per_worker),
+        ),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=storage_path,
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=train.keep_checkpoints,
+                checkpoint_score_attribute=train.metric,
+                checkpoint_score_order=train.mode,
+            ),
+            failure_config=FailureConfig(max_failures=max_failures),
+            callbacks=list(callbacks),
+        ),
+    )
+
+
+def validate_for_training(experiment: Experiment) -> None:
+    """Combinations the schema allows but a training run cannot honour; checked before Ray starts."""
+    if experiment.task == "semantic":
+        raise ValueError(
+            "task 'semantic' cannot be trained yet: knet.build_model has no semantic K-Net (decode heads "
+            "fcn/psp/aspp/uper) so far. Use task 'panoptic' or 'instance'."
+        )
+    train = experiment.train
+    if train.metric.startswith("val/") and experiment.data.val is None:
+        raise ValueError(
+            f"train.metric={train.metric!r} needs a validation set, but data.val is not set. "
+            "Add data.val or choose a train/ metric (e.g. --set train.metric=train/loss train.mode=min)."
+        )
+    if train.checkpoint_interval % train.eval_interval != 0:
+        raise ValueError(
+            f"train.checkpoint_interval={train.checkpoint_interval} is not a multiple of "
+            f"train.eval_interval={train.eval_interval}: every checkpoint is ranked by {train.metric!r}, "
+            "so checkpoints must fall on evaluated epochs. Make checkpoint_interval a multiple of eval_interval."
+        )
+    if experiment.scaling.use_gpu:
+        import torch
+
+        if not torch.cuda.is_available() and _is_local_ray():
+            raise ValueError(
+                "scaling.use_gpu is true but this machine has no CUDA device and no Ray cluster is "
+                "configured (RAY_ADDRESS). Use --set scaling.use_gpu=false, or run on a GPU cluster."
+            )
+
+
+def _is_local_ray() -> bool:
+    import os
+
+    return not os.environ.get("RAY_ADDRESS")

@@ -1,0 +1,70 @@
+"""Fixtures shared by the platform tests: a real ``ray start --head`` cluster on loopback."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.knet_platform.tiny_run import BIN, cluster_env, descendant_processes, free_port
+
+
+@pytest.fixture
+def ray_head(tmp_path: Path):
+    dashboard_port = free_port()
+    temp_dir = tempfile.mkdtemp(prefix="kray-", dir="/tmp")
+    command = [
+        str(BIN / "ray"), "start", "--head", "--block",
+        "--node-ip-address", "127.0.0.1", "--port", "0",
+        "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
+        "--dashboard-agent-listen-port", str(free_port()),
+        "--ray-client-server-port", str(free_port()),
+        "--metrics-export-port", str(free_port()),
+        "--num-cpus", "2",
+        # its own temp dir: the default /tmp/ray would keep a record of this (soon dead) cluster that
+        # a later `ray.init()` elsewhere on the machine tries to join; short, for Unix socket paths
+        "--temp-dir", temp_dir,
+    ]  # fmt: skip
+    log = (tmp_path / "ray_head.log").open("w")
+    head = subprocess.Popen(
+        command, env=cluster_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    address = f"http://127.0.0.1:{dashboard_port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{address}/api/version", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            assert head.poll() is None, f"ray start exited: {(tmp_path / 'ray_head.log').read_text()[-2000:]}"
+            assert time.time() < deadline, "the Ray head's job server did not come up in 120 s"
+            time.sleep(1)
+        yield address
+    finally:
+        # `ray start --block` does not stop its node on SIGTERM, so signal the whole process group this
+        # fixture created (start_new_session): the head's GCS, raylet, dashboard and workers, nobody else's.
+        started = descendant_processes(head.pid)  # Ray workers run in process groups of their own
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            head.wait(timeout=10)
+        time.sleep(2)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGKILL)
+        head.wait(timeout=10)
+        for pid in started:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)

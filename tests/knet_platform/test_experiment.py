@@ -1,0 +1,203 @@
+"""The experiment schema: every bad file or override fails fast with one clear ExperimentError, before Ray."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from knet_platform.experiment import Experiment, ExperimentError, flatten_params, load_experiment
+
+REPO = Path(__file__).absolute().parents[2]
+EXPERIMENTS = REPO / "experiments"
+
+
+def write(tmp_path: Path, text: str, name: str = "exp.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+BASE = """
+name: t
+task: panoptic
+model: {backbone: {name: resnet18}, channels: 32, num_proposals: 8}
+data:
+  synthetic: {num_images: 8, cache_dir: CACHE}
+  train: {format: coco_panoptic, images: "{synthetic}/images/train", annotations: "{synthetic}/p/train.json", masks: "{synthetic}/p/train"}
+  val: {format: coco_panoptic, images: "{synthetic}/images/val", annotations: "{synthetic}/p/val.json", masks: "{synthetic}/p/val"}
+train: {epochs: 2, batch_size: 2}
+"""
+
+
+@pytest.fixture
+def base(tmp_path: Path) -> Path:
+    return write(tmp_path, BASE.replace("CACHE", str(tmp_path / "cache")))
+
+
+def assert_fails(path: Path, pattern: str, overrides: list[str] = ()) -> None:
+    with pytest.raises(ExperimentError, match=pattern):
+        load_experiment(path, list(overrides))
+    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
+
+
+def test_unknown_key_names_dotted_path_and_suggestion(tmp_path, base):
+    assert_fails(
+        write(tmp_path, base.read_text().replace("epochs:", "epoch:")), r"'train\.epoch'.*'train\.epochs'"
+    )
+
+
+def test_unknown_model_key_is_reported_with_its_dotted_path(tmp_path, base):
+    assert_fails(
+        base,
+        r"unknown key 'model\.update\.feedforward_chanels'.*feedforward_channels",
+        ["model.update.feedforward_chanels=64"],
+    )
+
+
+def test_wrong_type_names_key_expected_type_and_value(base):
+    assert_fails(base, r"train\.batch_size: expected an integer, got 'two'", ["train.batch_size=two"])
+    assert_fails(base, r"scaling\.use_gpu: expected true/false, got 3", ["scaling.use_gpu=3"])
+
+
+def test_impossible_values_are_refused(base):
+    assert_fails(base, r"train\.batch_size: must be >= 1", ["train.batch_size=0"])
+    assert_fails(base, r"train\.keep_checkpoints: must be >= 1", ["train.keep_checkpoints=0"])
+    assert_fails(
+        base,
+        r"data\.train\.format.*does not fit task 'instance'",
+        ["task=instance", "train.metric=val/mask_ap"],
+    )
+    assert_fails(
+        base,
+        r"train\.metric: 'val/miou' is not reported for task 'instance'",
+        ["train.metric=val/miou", "task=instance"],
+    )
+    assert_fails(base, r"model: .*channels must be a positive multiple of 32", ["model.channels=48"])
+
+
+def test_missing_data_path_is_resolved_against_the_yaml_folder(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    text = """
+name: t
+task: instance
+data:
+  train: {format: coco_instance, images: imgs, annotations: ann/train.json}
+train: {epochs: 1, batch_size: 1, metric: train/loss}
+"""
+    missing = str(tmp_path / "ann" / "train.json")
+    assert_fails(write(tmp_path, text), rf"data\.train\.annotations: {missing} does not exist")
+    (tmp_path / "ann").mkdir()
+    (tmp_path / "ann" / "train.json").write_text("{}")
+    experiment = load_experiment(write(tmp_path, text))
+    assert experiment.data.train.images == str(tmp_path / "imgs")
+
+
+def test_missing_backbone_weights_file_is_refused(base):
+    assert_fails(
+        base,
+        r"model\.backbone\.pretrained_path: /nope/r18\.pth does not exist",
+        ["model.backbone.pretrained_path=/nope/r18.pth"],
+    )
+
+
+def test_bad_override_syntax_and_yaml_are_clear(base):
+    assert_fails(base, r"bad override 'train\.lr'", ["train.lr"])
+    assert_fails(base, r"bad override 'train\.lr=\[1,': the value is not valid YAML", ["train.lr=[1,"])
+    assert_fails(base, r"cannot set 'train\.epochs\.x': 'train\.epochs' is 2", ["train.epochs.x=1"])
+    assert_fails(base, r"train\.lr: expected a number, got \{'x': 1\}", ["train.lr.x=1"])
+
+
+def test_tune_space_keys_must_exist_and_values_must_validate(tmp_path, base):
+    text = base.read_text() + "tune:\n  space:\n    model.num_proposal: {choice: [4, 8]}\n"
+    assert_fails(
+        write(tmp_path, text), r"tune\.space\.model\.num_proposal: unknown key.*model\.num_proposals"
+    )
+    text = base.read_text() + "tune:\n  space:\n    train.batch_size: {choice: [2, 0]}\n"
+    assert_fails(write(tmp_path, text), r"tune\.space\.train\.batch_size: train\.batch_size: must be >= 1")
+    text = base.read_text() + "tune:\n  space:\n    train.lr: {logunifrm: [1.0e-5, 1.0e-3]}\n"
+    assert_fails(write(tmp_path, text), r"unknown operator 'logunifrm': did you mean 'loguniform'")
+
+
+def test_overrides_apply_are_parsed_as_yaml_and_revalidate(base):
+    experiment = load_experiment(
+        base, ["train.lr=2e-4", "data.transforms.crop_size=null", "model.num_stages=2"]
+    )
+    assert experiment.train.lr == pytest.approx(2e-4)
+    assert experiment.data.transforms.crop_size is None
+    assert experiment.model_config().num_stages == 2
+    changed = experiment.with_overrides({"train.lr_steps": [1], "scaling.num_workers": 1})
+    assert changed.train.lr_steps == [1] and changed.scaling.num_workers == 1
+    assert experiment.scaling.num_workers == 2  # the original is untouched
+    with pytest.raises(ExperimentError, match="scaling.num_workers: must be >= 1"):
+        experiment.with_overrides({"scaling.num_workers": 0})
+
+
+def test_to_dict_round_trips_through_yaml(tmp_path, base):
+    experiment = load_experiment(base)
+    dumped = yaml.safe_dump(experiment.to_dict(), sort_keys=False)
+    again = Experiment.from_dict(yaml.safe_load(dumped))
+    assert again == experiment
+    assert again.data.train.images == str(tmp_path / "cache" / "images" / "train")
+
+
+def test_model_config_takes_class_counts_from_categories(base):
+    from knet.data import Category, CategoryTable
+
+    table = CategoryTable([Category(1, "a", True), Category(2, "b", True), Category(3, "c", False)])
+    config = load_experiment(base).model_config(table)
+    assert (config.task, config.num_thing_classes, config.num_stuff_classes, config.channels) == (
+        "panoptic",
+        2,
+        1,
+        32,
+    )
+    with pytest.raises(ExperimentError, match="model.num_thing_classes=5 but the dataset has 2"):
+        load_experiment(base, ["model.num_thing_classes=5"]).model_config(table)
+
+
+def test_flatten_params_masks_secrets():
+    experiment = Experiment.from_dict(
+        {
+            "name": "t",
+            "task": "panoptic",
+            "data": {"train": {"format": "parquet", "shards": "s3://bucket/shards"}},
+            "train": {"metric": "train/loss"},
+            "tracking": {"uri": "https://alice:hunter2@mlflow.example.com", "storage_path": "s3://b/ray"},
+        }
+    )
+    params = flatten_params(experiment)
+    assert params["tracking.uri"] == "https://***@mlflow.example.com"
+    assert params["train.lr"] == "0.0001"
+    assert params["data.train.shards"] == "s3://bucket/shards"
+    assert "hunter2" not in "".join(params.values())
+    params = flatten_params(
+        experiment.with_overrides({"scaling.resources_per_worker": {"CPU": 1, "api_token": 3}})
+    )
+    assert params["scaling.resources_per_worker.api_token"] == "***"
+
+
+@pytest.mark.parametrize(
+    "name", ["quickstart", "coco_panoptic_r50", "coco_instance_r50", "ade20k_semantic_upernet_r50"]
+)
+def test_shipped_experiments_load_and_validate(name, tmp_path, monkeypatch):
+    text = (EXPERIMENTS / f"{name}.yaml").read_text()
+    raw = yaml.safe_load(text)
+    if name != "quickstart":  # the real datasets are not here: point their paths at empty stand-ins
+        for split in ("train", "val"):
+            for key in ("images", "annotations", "masks"):
+                if raw["data"][split].get(key):
+                    stand_in = tmp_path / split / key
+                    stand_in.mkdir(parents=True, exist_ok=True)
+                    raw["data"][split][key] = str(stand_in)
+        weights = tmp_path / "resnet50.pth"
+        weights.write_bytes(b"")
+        raw["model"]["backbone"]["pretrained_path"] = str(weights)
+    monkeypatch.chdir(tmp_path)
+    experiment = Experiment.from_dict(raw)
+    assert experiment.name == name and experiment.model_config().task == experiment.task
+    if name == "quickstart":
+        assert experiment.data.synthetic.cache_dir == str(tmp_path / ".knet" / "data" / "synthetic")
+    else:
+        assert experiment.train.batch_size == 2 and experiment.scaling.use_gpu

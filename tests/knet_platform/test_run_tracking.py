@@ -1,0 +1,85 @@
+"""What one run leaves in MLflow, and the registered model used through ``knet predict`` / ``knet eval``.
+
+A 2-epoch quickstart (1 worker, 3 steps per epoch) with ``tracking.log_checkpoints=all`` and a loss line
+every step: the resolved YAML, system info, overlays, per-step losses, every checkpoint's storage URI
+and upload; then the champion is pulled by its ``models:/`` URI on the command line.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from tests.knet_platform.tiny_run import QUICKSTART, load_tiny, start_local_ray, tiny_overrides
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.mlflow]
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    from knet_platform.ray_runtime import stop_ray
+
+    runtime = start_local_ray()
+    yield runtime
+    stop_ray(runtime)
+
+
+def test_a_run_logs_yaml_system_info_overlays_step_losses_and_every_checkpoint_and_its_model_predicts(
+    tmp_path: Path, local_ray, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from knet_platform.cli import main
+    from knet_platform.runner import run_experiment
+
+    monkeypatch.chdir(tmp_path)
+    extra = ("tracking.log_checkpoints=all", "train.log_every=1")
+    experiment = load_tiny(tmp_path, *extra, epochs=2, workers=1)
+    summary = run_experiment(experiment)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    run = client.get_run(summary.run_id)
+
+    def artifacts(path: str = "") -> set[str]:
+        return {item.path for item in client.list_artifacts(summary.run_id, path)}
+
+    assert {"experiment.yaml", "system_info.json", "overlays", "checkpoints"} <= artifacts()
+    logged_yaml = yaml.safe_load(
+        Path(client.download_artifacts(summary.run_id, "experiment.yaml")).read_text()
+    )
+    assert logged_yaml == experiment.to_dict()
+    system = json.loads(Path(client.download_artifacts(summary.run_id, "system_info.json")).read_text())
+    assert {"torch", "ray", "mlflow", "cpu_count"} <= set(system)
+    assert any(path.startswith("overlays/epoch_002_") for path in artifacts("overlays"))
+
+    steps = sorted(m.step for m in client.get_metric_history(summary.run_id, "train/step_loss"))
+    assert steps == [1, 2, 3, 4, 5, 6]  # 3 steps per epoch, global step numbers
+    for epoch in (1, 2):
+        name = f"epoch_{epoch:04d}"
+        assert Path(run.data.tags[f"checkpoint.{name}"]).name == f"checkpoint_{name}"
+        assert f"checkpoints/{name}" in artifacts("checkpoints")
+    # with "all" the best one is not uploaded twice: its tag names one of the uploaded epochs
+    assert Path(run.data.tags["checkpoint.best"]).name in {"checkpoint_epoch_0001", "checkpoint_epoch_0002"}
+
+    images = tmp_path / "inputs"
+    images.mkdir()
+    for image in sorted(Path(experiment.data.val.images).iterdir())[:2]:
+        shutil.copy(image, images / image.name)
+    model = f"models:/{experiment.tracking.registered_model}@champion"
+    out = tmp_path / "predicted"
+    assert main(["predict", "--model", model, str(images), "--out", str(out), "--tracking-uri", uri]) == 0
+    stems = sorted(image.stem for image in images.iterdir())
+    assert sorted(p.stem for p in (out / "panoptic").glob("*.png")) == stems
+    assert sorted(p.stem for p in (out / "overlays").glob("*.png")) == stems
+    assert len(json.loads((out / "panoptic.json").read_text())["annotations"]) == 2
+
+    capsys.readouterr()
+    sets = [
+        item for override in tiny_overrides(tmp_path, epochs=2, workers=1) for item in ("--set", override)
+    ]
+    assert main(["eval", "--model", model, "--tracking-uri", uri, str(QUICKSTART), *sets]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert 0 <= metrics["val/pq"] <= 100 and "val/mask_ap" in metrics and "val/miou" in metrics

@@ -1,0 +1,193 @@
+"""MLflow tracking: resolved locations, reachability, what rank 0 logs, and a run against a real server."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+import torch
+from knet_platform.tracking import (
+    RunLogger,
+    TrackingUnreachableError,
+    create_run,
+    log_experiment,
+    overlay,
+    resolve_tracking,
+)
+
+from knet.structures import PanopticPrediction, Prediction
+from tests.knet_platform.tiny_run import free_port, load_tiny
+
+
+def test_unset_tracking_locations_default_to_absolute_paths_under_dot_knet(tmp_path: Path) -> None:
+    experiment = load_tiny(tmp_path)
+    experiment = experiment.with_overrides(
+        {"tracking.uri": None, "tracking.artifact_location": None, "tracking.storage_path": None}
+    )
+    target = resolve_tracking(experiment, cwd=tmp_path)
+    base = tmp_path.resolve() / ".knet"
+    assert target.tracking_uri == f"sqlite:///{base / 'mlflow.db'}"
+    assert target.artifact_location == (base / "mlartifacts").as_uri()
+    assert target.storage_path == str(base / "ray_results")
+    assert target.registered_model == experiment.name and target.experiment_name == experiment.name
+
+
+def test_relative_tracking_locations_become_absolute_and_named_stores_stay_as_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    experiment = load_tiny(tmp_path).with_overrides(
+        {"tracking.uri": "sqlite:///runs/mlflow.db", "tracking.artifact_location": "./arts"}
+    )
+    target = resolve_tracking(experiment)
+    assert target.tracking_uri == f"sqlite:///{tmp_path.resolve() / 'runs' / 'mlflow.db'}"
+    assert target.artifact_location == (tmp_path.resolve() / "arts").as_uri()
+    named = resolve_tracking(experiment.with_overrides({"tracking.uri": "databricks"}))
+    assert named.tracking_uri == "databricks"
+
+
+def test_http_tracking_leaves_the_artifact_location_to_the_server(tmp_path: Path) -> None:
+    experiment = load_tiny(tmp_path, tracking_uri="http://127.0.0.1:5999")
+    target = resolve_tracking(experiment, cwd=tmp_path)
+    assert target.tracking_uri == "http://127.0.0.1:5999" and target.artifact_location is None
+    assert target.ui_command() == "open http://127.0.0.1:5999"
+
+
+@pytest.mark.mlflow
+def test_dead_tracking_server_fails_before_ray_starts_naming_the_uri_and_the_fix(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from knet_platform.runner import run_experiment
+
+    assert not ray.is_initialized()
+    monkeypatch.chdir(tmp_path)
+    uri = f"http://127.0.0.1:{free_port()}"
+    started = time.perf_counter()
+    with pytest.raises(TrackingUnreachableError) as failure:
+        run_experiment(load_tiny(tmp_path, tracking_uri=uri))
+    message = str(failure.value)
+    assert uri in message and "mlflow server --host 127.0.0.1" in message and "tracking.uri" in message
+    assert not ray.is_initialized()
+    assert time.perf_counter() - started < 10
+
+
+@pytest.mark.mlflow
+def test_restarted_logger_skips_epochs_the_run_already_has(tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    target = resolve_tracking(load_tiny(tmp_path), cwd=tmp_path)
+    run_id = create_run(target, "epochs")
+    first = RunLogger(target.tracking_uri, run_id)
+    assert first.log_epoch({"train/loss": 3.0}, 1) and first.log_epoch({"train/loss": 2.0}, 2)
+    restarted = RunLogger(target.tracking_uri, run_id)  # e.g. a worker group restored from epoch 1
+    assert restarted.log_epoch({"train/loss": 2.5}, 2) is False
+    assert restarted.log_epoch({"train/loss": 1.0}, 3) is True
+    history = MlflowClient(tracking_uri=target.tracking_uri).get_metric_history(run_id, "train/loss")
+    assert sorted((m.step, m.value) for m in history) == [(1, 3.0), (2, 2.0), (3, 1.0)]
+
+
+@pytest.mark.mlflow
+def test_resumed_run_keeps_first_param_values_and_tags_the_changed_ones(tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    experiment = load_tiny(tmp_path, epochs=1)
+    target = resolve_tracking(experiment, cwd=tmp_path)
+    run_id = create_run(target, "params")
+    log_experiment(target.tracking_uri, run_id, experiment)
+    log_experiment(target.tracking_uri, run_id, experiment.with_overrides({"train.epochs": 2}))
+    run = MlflowClient(tracking_uri=target.tracking_uri).get_run(run_id)
+    assert run.data.params["train.epochs"] == "1"
+    assert run.data.tags["resume.changed.train.epochs"] == "2"
+
+
+def test_overlay_colours_segment_pixels_and_leaves_void_pixels_untouched() -> None:
+    image = np.full((4, 6, 3), 100, dtype=np.uint8)
+    segment_map = torch.zeros(4, 6, dtype=torch.int64)
+    segment_map[:2, :3] = 1
+    segment_map[2:, 3:] = 2
+    prediction = Prediction(
+        image_size=(4, 6),
+        panoptic=PanopticPrediction(
+            segment_map, torch.tensor([0, 1]), torch.tensor([0.9, 0.8]), torch.tensor([True, False])
+        ),
+    )
+    painted = overlay(image, prediction)
+    void = (segment_map == 0).numpy()
+    assert np.array_equal(painted[void], image[void])
+    assert (painted[~void] != image[~void]).any(axis=-1).all()
+    assert not np.array_equal(painted[0, 0], painted[3, 5])  # two segments, two colours
+
+
+@pytest.fixture
+def mlflow_server(tmp_path: Path):
+    port = free_port()
+    bin_dir = Path(sys.executable).parent
+    server = subprocess.Popen(
+        [
+            str(bin_dir / "mlflow"),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'server.db'}",
+            "--artifacts-destination",
+            str(tmp_path / "server_artifacts"),
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"},
+    )
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    try:
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            assert server.poll() is None, "mlflow server exited during start-up"
+            assert time.time() < deadline, "mlflow server did not become healthy in 90 s"
+            time.sleep(1)
+        yield uri, tmp_path / "server_artifacts"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.mlflow
+def test_run_tracked_by_a_real_mlflow_server_proxies_artifacts_and_registers(
+    tmp_path: Path, mlflow_server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from knet_platform.runner import run_experiment
+    from mlflow.tracking import MlflowClient
+
+    uri, artifacts_destination = mlflow_server
+    monkeypatch.chdir(tmp_path)
+    summary = run_experiment(load_tiny(tmp_path, epochs=1, workers=1, tracking_uri=uri))
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    run = client.get_run(summary.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.info.artifact_uri.startswith("mlflow-artifacts:")
+    assert [m.step for m in client.get_metric_history(summary.run_id, "val/pq")] == [1]
+    assert list(artifacts_destination.rglob("state.pt")), (
+        "the best checkpoint was not uploaded through the server"
+    )
+    assert list(artifacts_destination.rglob("MLmodel")), "the model was not uploaded through the server"
+    assert not (tmp_path / "mlartifacts").exists() and not (tmp_path / ".knet" / "mlartifacts").exists()
+    version = client.get_model_version_by_alias(summary.registered.name, "champion")
+    assert str(version.version) == summary.registered.version

@@ -1,0 +1,200 @@
+"""Training on Ray Train: the loop's recipe (checkpoints, schedule, parameter groups) and whole runs."""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from knet_platform.checkpointing import (
+    STATE_FILE,
+    TrainingState,
+    capture_rng_state,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+from knet_platform.optim import param_groups, warmup_step_factor
+from torch import nn
+
+from tests.knet_platform.tiny_run import load_tiny, start_local_ray
+
+
+class _TwoPartModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 2)
+        self.frozen = nn.Linear(2, 2)
+        self.frozen.requires_grad_(False)
+
+
+def _state(model: nn.Module, epoch: int) -> TrainingState:
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    return TrainingState(
+        model=model.state_dict(),
+        optimizer=optimizer.state_dict(),
+        scheduler=scheduler.state_dict(),
+        scaler=None,
+        epoch=epoch,
+        global_step=epoch * 10,
+        rng=capture_rng_state(),
+        experiment={"name": "x", "train": {"epochs": 3}},
+    )
+
+
+def test_checkpoint_round_trip_restores_weights_counters_and_experiment(tmp_path: Path) -> None:
+    model = nn.Linear(4, 2)
+    folder = save_checkpoint(tmp_path / "ckpt", _state(model, epoch=2))
+    loaded = load_checkpoint(folder)
+    assert loaded.epoch == 2 and loaded.global_step == 20
+    assert loaded.experiment == {"name": "x", "train": {"epochs": 3}}
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.model[key], value)
+
+
+def test_restored_rng_state_replays_the_same_random_numbers() -> None:
+    states = capture_rng_state()
+    first = (random.random(), float(np.random.rand()), torch.rand(3))
+    restore_rng_state(states)
+    second = (random.random(), float(np.random.rand()), torch.rand(3))
+    assert first[0] == second[0] and first[1] == second[1] and torch.equal(first[2], second[2])
+
+
+def test_failed_checkpoint_write_keeps_the_previous_checkpoint_and_leaves_no_temp_folder(
+    tmp_path: Path,
+) -> None:
+    model = nn.Linear(4, 2)
+    save_checkpoint(tmp_path / "ckpt", _state(model, epoch=1))
+    broken = _state(model, epoch=2)
+    broken.model = {"weight": lambda: None}  # not serialisable: torch.save fails mid-write
+    with pytest.raises(Exception):  # noqa: B017 - pickling raises AttributeError or PicklingError by version
+        save_checkpoint(tmp_path / "ckpt", broken)
+    assert load_checkpoint(tmp_path / "ckpt").epoch == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_checkpoint_loading_refuses_pickled_objects(tmp_path: Path) -> None:
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    torch.save({"model": _TwoPartModel()}, folder / STATE_FILE)  # a whole module, i.e. arbitrary code
+    with pytest.raises(Exception, match="Weights only load failed"):
+        load_checkpoint(folder)
+
+
+def test_warmup_then_step_schedule_matches_the_closed_form() -> None:
+    factor = warmup_step_factor(
+        warmup_iters=10, warmup_ratio=0.001, lr_steps=[3, 4], lr_gamma=0.1, steps_per_epoch=5
+    )
+    # step 0: ratio; step 5: halfway 1 - 0.5 * 0.999; from step 10 on: 1 until epoch 3 (step 15)
+    expected = {
+        0: 0.001,
+        5: 0.5005,
+        9: 1 - 0.1 * 0.999,
+        10: 1.0,
+        14: 1.0,
+        15: 0.1,
+        19: 0.1,
+        20: 0.01,
+        99: 0.01,
+    }
+    for step, value in expected.items():
+        assert math.isclose(factor(step), value, rel_tol=1e-9), step
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=2.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    for _ in range(15):
+        optimizer.step()
+        scheduler.step()
+    assert math.isclose(optimizer.param_groups[0]["lr"], 0.2)
+
+
+def test_backbone_parameters_train_at_the_lr_multiplier_and_frozen_ones_not_at_all() -> None:
+    model = _TwoPartModel()
+    groups = {group["name"]: group for group in param_groups(model, lr=1e-4, backbone_lr_mult=0.25)}
+    assert groups["backbone"]["lr"] == pytest.approx(2.5e-5) and groups["head"]["lr"] == 1e-4
+    assert {id(p) for p in groups["backbone"]["params"]} == {id(p) for p in model.backbone.parameters()}
+    assert {id(p) for p in groups["head"]["params"]} == {id(p) for p in model.head.parameters()}
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    from knet_platform.ray_runtime import stop_ray
+
+    runtime = start_local_ray()
+    yield runtime
+    stop_ray(runtime)
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.mlflow
+def test_quickstart_on_two_workers_logs_metrics_and_registers_a_champion_that_predicts(
+    tmp_path: Path, local_ray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from knet_platform.registry import download_model
+    from knet_platform.runner import run_experiment
+    from mlflow.tracking import MlflowClient
+
+    from knet.bundle import load_bundle
+
+    monkeypatch.chdir(tmp_path)
+    experiment = load_tiny(tmp_path, epochs=2, workers=2)
+    summary = run_experiment(experiment)
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    run = client.get_run(summary.run_id)
+    assert run.info.status == "FINISHED"
+    pq_history = client.get_metric_history(summary.run_id, "val/pq")
+    assert [m.step for m in pq_history] == [1, 2]
+    losses = [
+        m.value for m in sorted(client.get_metric_history(summary.run_id, "train/loss"), key=lambda m: m.step)
+    ]
+    assert all(math.isfinite(v) for v in losses) and losses[1] < losses[0]
+    assert run.data.params["train.epochs"] == "2"
+
+    champion = client.get_model_version_by_alias(experiment.name, "champion")
+    assert summary.registered.is_champion and str(champion.version) == summary.registered.version
+    assert float(champion.tags["knet.metric_value"]) == pytest.approx(summary.metrics["val/pq"])
+
+    bundle = load_bundle(download_model(summary.model_uri, uri, tmp_path / "download"))
+    image = np.random.default_rng(0).integers(0, 255, size=(48, 80, 3), dtype=np.uint8)
+    (prediction,) = bundle.predict([image])
+    assert tuple(prediction.panoptic.segment_map.shape) == (48, 80)
+
+    import mlflow.pyfunc
+
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    try:
+        pyfunc = mlflow.pyfunc.load_model(summary.model_uri)
+    finally:
+        del os.environ["MLFLOW_TRACKING_URI"]
+    (served,) = pyfunc.predict([image])
+    assert np.array_equal(served["panoptic"]["segment_map"], prediction.panoptic.segment_map.numpy())
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.mlflow
+def test_non_finite_loss_fails_the_run_naming_the_step_and_the_loss_terms(
+    tmp_path: Path, local_ray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from knet_platform.runner import run_experiment
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.chdir(tmp_path)
+    # An absurd learning rate: after one AdamW step the weights are ~1e30 and the next loss overflows.
+    experiment = load_tiny(
+        tmp_path, "train.lr=1.0e+30", "train.warmup_iters=0", "train.grad_clip=null", epochs=1, workers=1
+    )
+    with pytest.raises(Exception, match=r"non-finite loss at epoch 1, global step \d+") as failure:
+        run_experiment(experiment)
+    assert "all terms:" in str(failure.value)
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name(experiment.name).experiment_id])
+    assert run.info.status == "FAILED"

@@ -1,0 +1,123 @@
+"""A Tune search: trials are Ray Train runs, ASHA stops the bad ones, a failing trial fails alone,
+MLflow holds one parent run with a child per trial, and the winner is registered."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.knet_platform.tiny_run import load_tiny, start_local_ray, tune_overrides
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    from knet_platform.ray_runtime import stop_ray
+
+    runtime = start_local_ray()
+    yield runtime
+    stop_ray(runtime)
+
+
+def test_a_search_whose_trial_cannot_fit_is_refused_before_any_trial_or_run_starts(
+    tmp_path: Path, local_ray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from knet_platform.search_space import SearchSpaceError
+    from knet_platform.tuning import run_search
+
+    monkeypatch.chdir(tmp_path)
+    experiment = load_tiny(
+        tmp_path, *tune_overrides(lrs=[1e-3, 1e-9]), "scaling.resources_per_worker={CPU: 1}", workers=2
+    )
+    with pytest.raises(SearchSpaceError, match="no trial could ever start"):
+        run_search(experiment)
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    existing = client.get_experiment_by_name(experiment.name)
+    assert existing is None or not client.search_runs([existing.experiment_id])
+
+
+def test_a_listed_space_value_that_makes_an_invalid_experiment_is_refused_when_the_yaml_loads(
+    tmp_path: Path,
+) -> None:
+    from knet_platform.experiment import ExperimentError
+
+    with pytest.raises(ExperimentError, match=r"tune\.space\.train\.batch_size: .*must be >= 1"):
+        load_tiny(
+            tmp_path,
+            *tune_overrides(lrs=[1e-3]),
+            "tune.space={train.batch_size: {choice: [2, 0]}}",
+            workers=1,
+        )
+
+
+def test_a_range_whose_upper_end_is_invalid_is_refused_before_ray_starts(tmp_path: Path) -> None:
+    from knet_platform.search_space import SearchSpaceError
+    from knet_platform.tuning import validate_search
+
+    experiment = load_tiny(
+        tmp_path,
+        *tune_overrides(lrs=[1e-3]),
+        "tune.space={data.transforms.flip_prob: {uniform: [0.0, 1.5]}}",
+        workers=1,
+    )
+    with pytest.raises(SearchSpaceError, match=r"tune\.space\.data\.transforms\.flip_prob: value 1\.5"):
+        validate_search(experiment)
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.mlflow
+def test_asha_stops_bad_trials_a_diverging_trial_fails_alone_and_the_best_is_registered(
+    tmp_path: Path, local_ray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from knet_platform.tuning import run_search
+
+    monkeypatch.chdir(tmp_path)
+    # trial order follows the grid: the learning trial sets the bar, the two lr=1e-9 trials (practically frozen) fall below
+    # it after epoch 1, and lr=1e30 overflows on its second step (NaN loss -> that trial fails).
+    experiment = load_tiny(tmp_path, *tune_overrides(lrs=[1e-3, 1e-9, 1e-9, 1e30]), epochs=2, workers=1)
+    summary = run_search(experiment)
+
+    by_lr = {trial.overrides["train.lr"]: [] for trial in summary.trials}
+    for trial in summary.trials:
+        by_lr[trial.overrides["train.lr"]].append(trial)
+    assert len(summary.trials) == 4
+    assert [t.status for t in by_lr[1e-3]] == ["COMPLETED"] and by_lr[1e-3][0].epochs == 2
+    assert [t.status for t in by_lr[1e-9]] == ["STOPPED_EARLY", "STOPPED_EARLY"]
+    assert all(t.epochs == 1 for t in by_lr[1e-9])
+    assert [t.status for t in by_lr[1e30]] == ["ERROR"] and "non-finite loss" in by_lr[1e30][0].error
+    assert summary.best is not None and summary.best.overrides["train.lr"] == 1e-3
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    parent = client.get_run(summary.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["knet.best_trial"] == summary.best.trial_id
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{summary.parent_run_id}'"
+    )
+    assert len(children) == 4
+    statuses = {run.info.run_id: run.info.status for run in children}
+    for trial in summary.trials:
+        child = client.get_run(trial.mlflow_run_id)
+        assert child.data.params["train.lr"] == str(trial.overrides["train.lr"])
+        if trial.status == "ERROR":
+            assert statuses[trial.mlflow_run_id] == "FAILED"
+            assert "non-finite loss" in child.data.tags["knet.error"]
+        else:
+            assert statuses[trial.mlflow_run_id] == "FINISHED"
+            assert child.data.tags["knet.stopped_early"] == str(trial.status == "STOPPED_EARLY").lower()
+            # Train V2 reports without waiting for Tune's decision, so a stopped trial may finish the
+            # epoch it was in before it is killed: MLflow holds its epochs 1..k, k at most one more.
+            epochs = sorted(m.step for m in client.get_metric_history(trial.mlflow_run_id, "train/loss"))
+            assert epochs == list(range(1, len(epochs) + 1))
+            assert trial.epochs <= len(epochs) <= trial.epochs + 1
+
+    champion = client.get_model_version_by_alias(experiment.name, "champion")
+    assert champion.run_id == summary.best.mlflow_run_id
+    assert float(champion.tags["knet.metric_value"]) == pytest.approx(summary.best.metric)
+    table = summary.render()
+    assert all(trial.trial_id in table for trial in summary.trials)
+    # Tune's own results folder holds TensorBoard event files for the trials
+    assert list(Path(summary.results_path).rglob("events.out.tfevents*"))
