@@ -2,19 +2,23 @@
 
 A checkpoint folder holds ``state.pt`` (model, optimizer, scheduler and grad-scaler state dicts, epoch,
 global step and the RNG states of Python, NumPy and torch stored as uint8 tensors so the safe loader
-accepts them) and ``experiment.json`` (the resolved experiment it was trained with). Writing goes to a
-temporary sibling folder that is renamed into place, so a crash mid-write never leaves a half checkpoint
-where a resume would find it.
+accepts them), ``experiment.json`` (the resolved experiment it was trained with) and ``metadata.json``
+(its epoch, step and ranking metric, readable without torch). Writing goes to a temporary sibling folder
+whose files are fsynced before it is renamed into place (and the parent folder fsynced after), so a
+crash or power loss mid-write never leaves a half checkpoint under the checkpoint's name.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import pickle
 import random
 import shutil
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +28,11 @@ import torch
 
 STATE_FILE = "state.pt"
 EXPERIMENT_FILE = "experiment.json"
+METADATA_FILE = "metadata.json"
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint's ``state.pt`` is truncated or damaged (not written by a completed save)."""
 
 
 @dataclass
@@ -42,6 +51,35 @@ class TrainingState:
     global_step: int
     rng: dict[str, torch.Tensor]
     experiment: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class CheckpointScore:
+    """How a checkpoint ranks: ``train.metric`` (e.g. ``val/pq``), ``train.mode`` (``max`` / ``min``)
+    and the metric's value at the checkpoint's epoch (None when it was not reported or not finite)."""
+
+    metric: str
+    mode: str
+    value: float | None
+
+    @classmethod
+    def from_metrics(cls, metric: str, mode: str, metrics: dict[str, Any]) -> CheckpointScore:
+        """The score of an epoch that reported ``metrics`` (``{"val/pq": 41.2, ...}``)."""
+        value = metrics.get(metric)
+        finite = isinstance(value, (int, float)) and math.isfinite(value)
+        return cls(metric=metric, mode=mode, value=float(value) if finite else None)
+
+
+@dataclass(frozen=True)
+class CheckpointMetadata:
+    """``metadata.json``: what a person browsing checkpoints needs to pick one, without loading tensors.
+
+    score is None for a checkpoint saved without one.
+    """
+
+    epoch: int
+    global_step: int
+    score: CheckpointScore | None
 
 
 def capture_rng_state() -> dict[str, torch.Tensor]:
@@ -69,10 +107,15 @@ def restore_rng_state(states: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state_all(list(states["cuda"]))
 
 
-def save_checkpoint(directory: str | Path, state: TrainingState) -> Path:
-    """Write ``state`` to ``directory`` atomically (temp folder + rename) and return the folder.
+def save_checkpoint(
+    directory: str | Path, state: TrainingState, *, score: CheckpointScore | None = None
+) -> Path:
+    """Write ``state`` (and its ``score``, into ``metadata.json``) to ``directory`` atomically.
 
-    An existing folder of the same name is replaced only after the new one is complete.
+    Every file is written and fsynced in a temporary sibling folder, which is then renamed to
+    ``directory``. An existing folder of the same name is replaced only after the new one is complete
+    (moved aside, new one renamed in, old one deleted: a crash between the two renames leaves the old
+    checkpoint under ``.<name>.old-<pid>``, never a partial one under ``<name>``).
     """
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
@@ -87,8 +130,14 @@ def save_checkpoint(directory: str | Path, state: TrainingState) -> Path:
             "global_step": state.global_step,
             "rng": state.rng,
         }
-        torch.save(payload, staging / STATE_FILE)
-        (staging / EXPERIMENT_FILE).write_text(json.dumps(state.experiment, indent=2, sort_keys=True))
+        with open(staging / STATE_FILE, "wb") as file:
+            torch.save(payload, file)
+            file.flush()
+            os.fsync(file.fileno())
+        _write_synced(staging / EXPERIMENT_FILE, json.dumps(state.experiment, indent=2, sort_keys=True))
+        metadata = CheckpointMetadata(epoch=state.epoch, global_step=state.global_step, score=score)
+        _write_synced(staging / METADATA_FILE, json.dumps(_metadata_to_dict(metadata), indent=2))
+        _fsync_directory(staging)
         if directory.exists():
             retired = directory.with_name(f".{directory.name}.old-{os.getpid()}")
             os.replace(directory, retired)
@@ -96,6 +145,7 @@ def save_checkpoint(directory: str | Path, state: TrainingState) -> Path:
             shutil.rmtree(retired)
         else:
             os.replace(staging, directory)
+        _fsync_directory(directory.parent)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -103,13 +153,22 @@ def save_checkpoint(directory: str | Path, state: TrainingState) -> Path:
 
 
 def load_checkpoint(directory: str | Path, map_location: str | torch.device = "cpu") -> TrainingState:
-    """Read a folder written by :func:`save_checkpoint`; weights only, no code runs on load."""
+    """Read a folder written by :func:`save_checkpoint`; weights only, no code runs on load.
+
+    Raises FileNotFoundError when ``state.pt`` is missing and :class:`CorruptCheckpointError` when it is
+    truncated (e.g. a copy into storage cut short by a crash), rather than loading part of a state.
+    """
     directory = Path(directory)
     state_path = directory / STATE_FILE
     if not state_path.is_file():
         raise FileNotFoundError(
             f"{directory} is not a knet training checkpoint: {STATE_FILE} is missing. "
             "Pass the folder of a checkpoint written by `knet run` (it holds state.pt and experiment.json)."
+        )
+    if not zipfile.is_zipfile(state_path):  # torch.save's format; a cut-short file lacks the zip's end record
+        raise CorruptCheckpointError(
+            f"{state_path} is truncated or damaged (not a complete torch zip archive): it was not "
+            "written by a completed save. Resume from another checkpoint folder."
         )
     payload = torch.load(state_path, map_location=map_location, weights_only=True)
     experiment_path = directory / EXPERIMENT_FILE
@@ -124,6 +183,48 @@ def load_checkpoint(directory: str | Path, map_location: str | torch.device = "c
         rng=payload["rng"],
         experiment=experiment,
     )
+
+
+def read_checkpoint_metadata(directory: str | Path) -> CheckpointMetadata:
+    """The epoch, step and score of a checkpoint folder, from its ``metadata.json`` (no torch load)."""
+    path = Path(directory) / METADATA_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{directory} has no {METADATA_FILE}: it is not a knet checkpoint, or one written before "
+            "checkpoints carried metadata (its state.pt still loads with load_checkpoint)."
+        )
+    raw = json.loads(path.read_text())
+    score = raw.get("score")
+    return CheckpointMetadata(
+        epoch=int(raw["epoch"]),
+        global_step=int(raw["global_step"]),
+        score=CheckpointScore(score["metric"], score["mode"], score["value"]) if score else None,
+    )
+
+
+def _metadata_to_dict(metadata: CheckpointMetadata) -> dict[str, Any]:
+    score = metadata.score
+    if score is not None and score.value is not None and not math.isfinite(score.value):
+        raise ValueError(
+            f"{score.metric}={score.value} cannot go into JSON: use CheckpointScore.from_metrics"
+        )
+    return dataclasses.asdict(metadata)
+
+
+def _write_synced(path: Path, text: str) -> None:
+    with open(path, "w") as file:
+        file.write(text)
+        file.flush()
+        os.fsync(file.fileno())
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make a rename inside ``directory`` durable (its entry list reaches the disk)."""
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def _bytes_to_tensor(data: bytes) -> torch.Tensor:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import tempfile
 import time
 import uuid
@@ -139,7 +140,9 @@ def _fit_and_register(
         result = trainer.fit()
         metric, mode = experiment.train.metric, experiment.train.mode
         checkpoint, metrics = _best(result.best_checkpoints or [], metric, mode)
-        logger.set_tag("checkpoint.best", checkpoint.path)
+        logger.tag_checkpoint(
+            "best", checkpoint.path, epoch=int(metrics["epoch"]), metric=metric, value=float(metrics[metric])
+        )
         with checkpoint.as_directory() as folder:
             state = load_checkpoint(folder)
             if target.log_checkpoints == "best":
@@ -208,7 +211,10 @@ def _write_record(target: TrackingTarget, experiment_name: str, run_name: str, r
     path = _record_path(target, experiment_name)
     path.parent.mkdir(parents=True, exist_ok=True)
     record = {"ray_run_name": run_name, "mlflow_run_id": run_id, "tracking_uri": target.tracking_uri}
-    path.write_text(json.dumps(record, indent=2))
+    # temp file + rename: a driver killed mid-write leaves the previous record whole, never half of one
+    partial = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    partial.write_text(json.dumps(record, indent=2))
+    os.replace(partial, path)
 
 
 def _latest_record(target: TrackingTarget, experiment_name: str) -> dict[str, str]:

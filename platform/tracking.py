@@ -254,8 +254,18 @@ class RunLogger:
             self.client.log_batch(self.run_id, metrics=entries)
 
     def log_checkpoint(self, checkpoint_dir: str | Path, name: str) -> None:
-        """Upload a checkpoint folder under ``checkpoints/<name>``."""
+        """Upload a checkpoint folder under ``checkpoints/<name>`` (its ``metadata.json`` included)."""
         self.client.log_artifacts(self.run_id, str(checkpoint_dir), f"checkpoints/{name}")
+
+    def tag_checkpoint(self, name: str, uri: str, *, epoch: int, metric: str, value: float | None) -> None:
+        """Tags that let someone browsing the run see where a checkpoint is and how it ranks:
+        ``checkpoint.<name>`` (its storage URI), ``checkpoint.<name>.epoch`` and
+        ``checkpoint.<name>.<metric>`` (e.g. ``checkpoint.best.val/pq``; left out when ``value`` is None,
+        i.e. the metric was not reported or not finite at that epoch)."""
+        tags = [RunTag(f"checkpoint.{name}", uri), RunTag(f"checkpoint.{name}.epoch", str(epoch))]
+        if value is not None:
+            tags.append(RunTag(f"checkpoint.{name}.{metric}", repr(float(value))))
+        self.client.log_batch(self.run_id, tags=tags)
 
     def set_tag(self, key: str, value: str) -> None:
         self.client.set_tag(self.run_id, key, value)

@@ -22,6 +22,7 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 from knet_platform.checkpointing import (
+    CheckpointScore,
     TrainingState,
     capture_rng_state,
     load_checkpoint,
@@ -227,6 +228,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory(prefix="knet-ckpt-") as scratch:
             checkpoint = None
             checkpoint_name = f"checkpoint_epoch_{epoch_number:04d}"
+            score = CheckpointScore.from_metrics(train_cfg.metric, train_cfg.mode, metrics)
             if write_checkpoint and rank == 0:
                 folder = save_checkpoint(
                     Path(scratch) / checkpoint_name,
@@ -240,13 +242,17 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                         rng=capture_rng_state(),
                         experiment=loop.experiment,
                     ),
+                    score=score,
                 )
                 checkpoint = ray.train.Checkpoint.from_directory(str(folder))  # Ray
             if logger is not None and logger.log_epoch(metrics, epoch_number):
                 if checkpoint is not None and loop.checkpoint_root is not None:
-                    logger.set_tag(
-                        f"checkpoint.epoch_{epoch_number:04d}",
+                    logger.tag_checkpoint(
+                        f"epoch_{epoch_number:04d}",
                         f"{loop.checkpoint_root}/{checkpoint_name}",
+                        epoch=epoch_number,
+                        metric=score.metric,
+                        value=score.value,
                     )
                 if checkpoint is not None and experiment.tracking.log_checkpoints == "all":
                     logger.log_checkpoint(folder, f"epoch_{epoch_number:04d}")

@@ -1,8 +1,9 @@
 """What one run leaves in MLflow, and the registered model used through ``knet predict`` / ``knet eval``.
 
 A 2-epoch quickstart (1 worker, 3 steps per epoch) with ``tracking.log_checkpoints=all`` and a loss line
-every step: the resolved YAML, system info, overlays, per-step losses, every checkpoint's storage URI
-and upload; then the champion is pulled by its ``models:/`` URI on the command line.
+every step: the resolved YAML, system info, overlays, per-step losses, every checkpoint's storage URI,
+epoch, ranking metric and upload; then the champion is pulled by its ``models:/`` URI on the command line.
+With ``tracking.log_checkpoints=none`` nothing but the checkpoints' URIs reaches MLflow.
 """
 
 from __future__ import annotations
@@ -57,12 +58,24 @@ def test_a_run_logs_yaml_system_info_overlays_step_losses_and_every_checkpoint_a
 
     steps = sorted(m.step for m in client.get_metric_history(summary.run_id, "train/step_loss"))
     assert steps == [1, 2, 3, 4, 5, 6]  # 3 steps per epoch, global step numbers
+    pq = {m.step: m.value for m in client.get_metric_history(summary.run_id, "val/pq")}
     for epoch in (1, 2):
         name = f"epoch_{epoch:04d}"
         assert Path(run.data.tags[f"checkpoint.{name}"]).name == f"checkpoint_{name}"
         assert f"checkpoints/{name}" in artifacts("checkpoints")
-    # with "all" the best one is not uploaded twice: its tag names one of the uploaded epochs
-    assert Path(run.data.tags["checkpoint.best"]).name in {"checkpoint_epoch_0001", "checkpoint_epoch_0002"}
+        # each checkpoint says, in its tags and in its uploaded metadata.json, its epoch and val/pq
+        assert run.data.tags[f"checkpoint.{name}.epoch"] == str(epoch)
+        assert float(run.data.tags[f"checkpoint.{name}.val/pq"]) == pytest.approx(pq[epoch])
+        metadata = json.loads(
+            Path(client.download_artifacts(summary.run_id, f"checkpoints/{name}/metadata.json")).read_text()
+        )
+        assert metadata["epoch"] == epoch and metadata["global_step"] == 3 * epoch
+        assert metadata["score"] == {"metric": "val/pq", "mode": "max", "value": pytest.approx(pq[epoch])}
+    # with "all" the best one is not uploaded twice: its tags name one of the uploaded epochs and its value
+    best_epoch = int(run.data.tags["checkpoint.best.epoch"])
+    assert Path(run.data.tags["checkpoint.best"]).name == f"checkpoint_epoch_{best_epoch:04d}"
+    assert float(run.data.tags["checkpoint.best.val/pq"]) == pytest.approx(max(pq.values()))
+    assert pq[best_epoch] == pytest.approx(max(pq.values()))
 
     images = tmp_path / "inputs"
     images.mkdir()
@@ -83,3 +96,32 @@ def test_a_run_logs_yaml_system_info_overlays_step_losses_and_every_checkpoint_a
     assert main(["eval", "--model", model, "--tracking-uri", uri, str(QUICKSTART), *sets]) == 0
     metrics = json.loads(capsys.readouterr().out)
     assert 0 <= metrics["val/pq"] <= 100 and "val/mask_ap" in metrics and "val/miou" in metrics
+
+
+def test_with_log_checkpoints_none_only_checkpoint_uris_reach_mlflow_and_the_model_is_still_registered(
+    tmp_path: Path, local_ray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from knet_platform.runner import run_experiment
+
+    monkeypatch.chdir(tmp_path)
+    experiment = load_tiny(tmp_path, "tracking.log_checkpoints=none", epochs=1, workers=1)
+    summary = run_experiment(experiment)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    run = client.get_run(summary.run_id)
+
+    assert run.info.status == "FINISHED"
+    assert "checkpoints" not in {item.path for item in client.list_artifacts(summary.run_id)}
+    store = tmp_path / "mlartifacts"
+    assert list(store.rglob("MLmodel")), "the model was not logged into this artifact store"
+    assert not list(store.rglob("state.pt")), (
+        "a training checkpoint was uploaded despite log_checkpoints=none"
+    )
+    # the tags still say where each checkpoint is (Ray's storage) and how it ranks
+    stored = Path(run.data.tags["checkpoint.epoch_0001"])
+    assert (stored / "state.pt").is_file() and stored.is_relative_to(tmp_path / "ray_results")
+    assert Path(run.data.tags["checkpoint.best"]) == stored and run.data.tags["checkpoint.best.epoch"] == "1"
+    assert float(run.data.tags["checkpoint.best.val/pq"]) == pytest.approx(summary.metrics["val/pq"])
+
+    champion = client.get_model_version_by_alias(summary.registered.name, "champion")
+    assert champion.run_id == summary.run_id and str(champion.version) == summary.registered.version

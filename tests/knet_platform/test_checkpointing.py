@@ -1,0 +1,122 @@
+"""Checkpoint folders: what their metadata records, and that a cut-short write is never taken for one."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from knet_platform.checkpointing import (
+    METADATA_FILE,
+    STATE_FILE,
+    CheckpointScore,
+    CorruptCheckpointError,
+    TrainingState,
+    capture_rng_state,
+    load_checkpoint,
+    read_checkpoint_metadata,
+    save_checkpoint,
+)
+from torch import nn
+
+
+def _state(epoch: int) -> TrainingState:
+    model = nn.Linear(4, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    return TrainingState(
+        model=model.state_dict(),
+        optimizer=optimizer.state_dict(),
+        scheduler={},
+        scaler=None,
+        epoch=epoch,
+        global_step=epoch * 3,
+        rng=capture_rng_state(),
+        experiment={"name": "x"},
+    )
+
+
+def test_metadata_records_the_epoch_step_and_the_ranking_metric_in_plain_json(tmp_path: Path) -> None:
+    score = CheckpointScore.from_metrics("val/pq", "max", {"val/pq": 41.25, "train/loss": 2.0})
+    folder = save_checkpoint(tmp_path / "ckpt", _state(epoch=2), score=score)
+
+    metadata = read_checkpoint_metadata(folder)
+    assert (metadata.epoch, metadata.global_step) == (2, 6)
+    assert metadata.score == CheckpointScore(metric="val/pq", mode="max", value=41.25)
+    # readable without torch, e.g. in the MLflow artifact browser
+    raw = json.loads((folder / METADATA_FILE).read_text())
+    assert raw == {"epoch": 2, "global_step": 6, "score": {"metric": "val/pq", "mode": "max", "value": 41.25}}
+
+
+def test_a_metric_that_is_missing_or_not_finite_is_recorded_as_null(tmp_path: Path) -> None:
+    assert CheckpointScore.from_metrics("val/pq", "max", {"train/loss": 1.0}).value is None
+    score = CheckpointScore.from_metrics("val/pq", "max", {"val/pq": math.nan})
+    assert score.value is None
+    folder = save_checkpoint(tmp_path / "ckpt", _state(epoch=1), score=score)
+    assert json.loads((folder / METADATA_FILE).read_text())["score"]["value"] is None
+    with pytest.raises(ValueError, match="cannot go into JSON"):
+        save_checkpoint(tmp_path / "other", _state(epoch=1), score=CheckpointScore("val/pq", "max", math.inf))
+
+
+def test_a_truncated_state_file_is_refused_naming_the_file(tmp_path: Path) -> None:
+    folder = save_checkpoint(tmp_path / "ckpt", _state(epoch=1))
+    state_path = folder / STATE_FILE
+    state_path.write_bytes(state_path.read_bytes()[: state_path.stat().st_size // 2])
+    with pytest.raises(CorruptCheckpointError, match=rf"{state_path} is truncated or damaged"):
+        load_checkpoint(folder)
+
+
+# A writer that is SIGKILLed inside torch.save: the object below blocks while being pickled.
+_KILLED_WRITER = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    import torch
+    from knet_platform.checkpointing import TrainingState, capture_rng_state, save_checkpoint
+
+    class BlocksWhilePickled:
+        def __reduce__(self):
+            Path(sys.argv[2]).write_text("inside torch.save")
+            time.sleep(600)
+
+    save_checkpoint(sys.argv[1], TrainingState(
+        model={"weight": torch.ones(256, 256)}, optimizer={"blocks": BlocksWhilePickled()}, scheduler={},
+        scaler=None, epoch=2, global_step=6, rng=capture_rng_state(), experiment={"name": "x"},
+    ))
+    """
+)
+
+
+def test_a_writer_killed_mid_save_leaves_the_previous_checkpoint_whole_under_its_name(tmp_path: Path) -> None:
+    target = tmp_path / "checkpoint_epoch_0001"
+    save_checkpoint(target, _state(epoch=1), score=CheckpointScore("val/pq", "max", 10.0))
+    marker = tmp_path / "writing"
+    writer = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, str(target), str(marker)])
+    try:
+        deadline = time.time() + 120
+        while not marker.exists():
+            assert writer.poll() is None, "the writer exited before it reached torch.save"
+            assert time.time() < deadline, "the writer did not reach torch.save in 120 s"
+            time.sleep(0.05)
+    finally:
+        os.kill(writer.pid, signal.SIGKILL)
+        writer.wait(timeout=30)
+
+    # the name still holds the complete previous checkpoint ...
+    assert load_checkpoint(target).epoch == 1 and read_checkpoint_metadata(target).epoch == 1
+    # ... and the half-written one sits in a hidden staging folder that nothing loads as a checkpoint
+    (leftover,) = [p for p in tmp_path.iterdir() if p.name != target.name and p != marker]
+    assert leftover.name.startswith(f".{target.name}.tmp-")
+    assert not (leftover / METADATA_FILE).exists()
+    with pytest.raises(CorruptCheckpointError):
+        load_checkpoint(leftover)
+    # the next writer (the resumed run) replaces it cleanly
+    save_checkpoint(target, _state(epoch=2))
+    assert load_checkpoint(target).epoch == 2
