@@ -6,9 +6,13 @@ synthetic data stays where the quickstart YAML caches it (generated once, then r
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 from knet_platform.experiment import Experiment, load_experiment
@@ -127,3 +131,15 @@ def descendant_processes(root: int | None = None) -> dict[int, str]:
             except OSError:
                 continue
     return found
+
+
+def kill_driver(driver: subprocess.Popen, grace_s: float = 5.0) -> None:
+    """SIGKILL a ``knet run`` driver alone, as a crash would; then SIGKILL whatever it started (its
+    local Ray's processes) so nothing outlives the test. Only processes descending from ``driver``."""
+    started = descendant_processes(driver.pid)
+    driver.kill()
+    driver.wait(timeout=30)
+    time.sleep(grace_s)  # Ray's processes notice their driver is gone; give them a moment
+    for pid in started:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
