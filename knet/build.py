@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from torch import nn
+
 from knet.backbone import TimmBackbone
 from knet.config import KNetConfig
 from knet.criterion import KNetCriterion
@@ -11,6 +13,9 @@ from knet.matcher import HungarianMatcher
 from knet.model import Criterion, KNet, PostProcessor
 from knet.neck import FPN
 from knet.postprocess import PostProcessor as KNetPostProcessor
+from knet.semantic_head import SemanticKernelHead
+from knet.semantic_loss import SemanticCriterion
+from knet.semantic_postprocess import SemanticPostProcessor
 
 
 def build_backbone(cfg: KNetConfig) -> TimmBackbone:
@@ -38,9 +43,12 @@ def build_kernel_head(cfg: KNetConfig) -> ConvKernelHead:
 
 
 def build_stage(cfg: KNetConfig) -> KernelUpdateHead:
+    """Panoptic/instance: hard sigmoid grouping + a classifier; semantic: softmax grouping, no classifier
+    (each kernel keeps its class)."""
     u = cfg.update
+    semantic = cfg.task == "semantic"
     return KernelUpdateHead(
-        num_classes=cfg.num_classes,
+        num_classes=None if semantic else cfg.num_classes,
         channels=cfg.channels,
         conv_kernel_size=u.conv_kernel_size,
         feedforward_channels=u.feedforward_channels,
@@ -48,8 +56,9 @@ def build_stage(cfg: KNetConfig) -> KernelUpdateHead:
         dropout=u.dropout,
         num_cls_fcs=u.num_cls_fcs,
         num_mask_fcs=u.num_mask_fcs,
-        grouping="hard_sigmoid",
+        grouping="softmax" if semantic else "hard_sigmoid",
         hard_mask_thr=u.hard_mask_thr,
+        updator_channels=u.updator_channels,
         gate_sigmoid=u.gate_sigmoid,
         gate_norm_act=u.gate_norm_act,
         activate_out=u.activate_out,
@@ -57,19 +66,34 @@ def build_stage(cfg: KNetConfig) -> KernelUpdateHead:
 
 
 def build_model(cfg: KNetConfig) -> KNet:
-    """A K-Net for ``cfg.task`` ("panoptic" or "instance"; the semantic variant is built elsewhere)."""
-    _check_task(cfg)
+    """A K-Net for ``cfg.task``: panoptic, instance, or semantic (a decode head's class kernels)."""
     return assemble_model(cfg, criterion=build_criterion(cfg), postprocessor=build_postprocessor(cfg))
 
 
 def assemble_model(cfg: KNetConfig, *, criterion: Criterion, postprocessor: PostProcessor) -> KNet:
-    """The network from ``cfg`` with the given loss and post-processing callables (see ``KNet``)."""
-    _check_task(cfg)
+    """The network from ``cfg`` with the given loss and post-processing callables (see ``KNet``).
+
+    Panoptic/instance: backbone -> FPN -> ConvKernelHead -> stages. Semantic: backbone -> decode head
+    (its classifier gives the kernels; no neck) -> stages.
+    """
     backbone = build_backbone(cfg)
+    if cfg.task == "semantic":
+        neck: nn.Module = nn.Identity()
+        kernel_head: nn.Module = SemanticKernelHead(
+            decode_head=cfg.decode_head,
+            in_channels=backbone.channels,
+            channels=cfg.channels,
+            num_classes=cfg.num_classes,
+            conv_kernel_size=cfg.update.conv_kernel_size,
+            aux_head=cfg.aux_head,
+        )
+    else:
+        neck = FPN(in_channels=backbone.channels, out_channels=cfg.channels)
+        kernel_head = build_kernel_head(cfg)
     return KNet(
         backbone=backbone,
-        neck=FPN(in_channels=backbone.channels, out_channels=cfg.channels),
-        kernel_head=build_kernel_head(cfg),
+        neck=neck,
+        kernel_head=kernel_head,
         stages=[build_stage(cfg) for _ in range(cfg.num_stages)],
         criterion=criterion,
         postprocessor=postprocessor,
@@ -79,7 +103,12 @@ def assemble_model(cfg: KNetConfig, *, criterion: Criterion, postprocessor: Post
 
 
 def build_criterion(cfg: KNetConfig) -> Criterion:
-    """K-Net's losses with one Hungarian matcher shared by the RPN and every stage."""
+    """K-Net's losses with one Hungarian matcher shared by the RPN and every stage (semantic: CE on
+    every logit map, no matching)."""
+    if cfg.task == "semantic":
+        return SemanticCriterion(
+            num_classes=cfg.num_classes, seg_weight=cfg.loss.seg_weight, aux_weight=cfg.loss.aux_weight
+        )
     panoptic = cfg.task == "panoptic"
     return KNetCriterion(
         num_thing_classes=cfg.num_thing_classes,
@@ -100,6 +129,8 @@ def build_criterion(cfg: KNetConfig) -> Criterion:
 
 def build_postprocessor(cfg: KNetConfig) -> PostProcessor:
     """Predictions from the last stage's logits (panoptic merge / instance top-k / semantic map)."""
+    if cfg.task == "semantic":
+        return SemanticPostProcessor()
     inference = cfg.inference
     return KNetPostProcessor(
         task=cfg.task,
@@ -114,15 +145,3 @@ def build_postprocessor(cfg: KNetConfig) -> PostProcessor:
         instance_on=inference.instance_on,
         semantic_on=inference.semantic_on,
     )
-
-
-def _check_task(cfg: KNetConfig) -> None:
-    if cfg.task == "semantic":
-        raise NotImplementedError(
-            "semantic K-Net (decode heads fcn/psp/aspp/uper) is not implemented yet; use task 'panoptic' or 'instance'"
-        )
-    if cfg.backbone.output_stride != 32:
-        raise ValueError(
-            f"backbone.output_stride {cfg.backbone.output_stride} is for the semantic decode heads; "
-            "panoptic/instance K-Net needs 32 (the FPN expects strides 4-32)"
-        )

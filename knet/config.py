@@ -73,7 +73,11 @@ class BackboneConfig:
 
 @dataclass
 class KernelUpdateConfig:
-    """One kernel update stage (KernelUpdateHead + KernelUpdator), spec section 2."""
+    """One kernel update stage (KernelUpdateHead + KernelUpdator), spec section 2.
+
+    updator_channels: the KernelUpdator's width; None = the model's channels. The semantic 512-d heads
+    (fcn/psp/aspp) use 256: each kernel is split into 256-d chunks that share the updator (spec section 3).
+    """
 
     conv_kernel_size: int = 1
     feedforward_channels: int = 2048
@@ -85,6 +89,7 @@ class KernelUpdateConfig:
     num_cls_fcs: int = 1
     num_mask_fcs: int = 1
     hard_mask_thr: float = 0.5
+    updator_channels: int | None = None
 
     def __post_init__(self) -> None:
         _require(
@@ -97,20 +102,25 @@ class KernelUpdateConfig:
         _require_non_negative("update", "num_cls_fcs", self.num_cls_fcs)
         _require_non_negative("update", "num_mask_fcs", self.num_mask_fcs)
         _require_probability("update", "hard_mask_thr", self.hard_mask_thr)
+        if self.updator_channels is not None:
+            _require_positive("update", "updator_channels", self.updator_channels)
 
 
 @dataclass
 class LossConfig:
-    """Loss weights (spec section 2). rank_weight applies to panoptic only (the instance model has none)."""
+    """Loss weights (spec sections 2-3). rank_weight applies to panoptic only (the instance model has
+    none). seg_weight: the kernel head's dense semantic focal loss (panoptic/instance), or the CE on every
+    logit map of the semantic variant; aux_weight: the semantic variant's auxiliary FCN head."""
 
     cls_weight: float = 2.0
     mask_weight: float = 1.0
     dice_weight: float = 4.0
     rank_weight: float = 0.1
     seg_weight: float = 1.0
+    aux_weight: float = 0.4
 
     def __post_init__(self) -> None:
-        for name in ("cls_weight", "mask_weight", "dice_weight", "rank_weight", "seg_weight"):
+        for name in ("cls_weight", "mask_weight", "dice_weight", "rank_weight", "seg_weight", "aux_weight"):
             _require_non_negative("loss", name, getattr(self, name))
 
 
@@ -162,7 +172,8 @@ class KNetConfig:
     channels: C, the width of the FPN, the localization FPN, the kernels and the update heads
       (GroupNorm(32) is used, so it must be a multiple of 32).
     num_proposals: N thing kernels (panoptic adds one kernel per stuff class).
-    decode_head / aux_head: the semantic variant's kernel-generating head and auxiliary FCN head.
+    decode_head / aux_head: the semantic variant's kernel-generating head and auxiliary FCN head; there
+      ``channels`` is the decode head's width and the kernels are one per class (num_proposals unused).
     """
 
     task: Task = "panoptic"
@@ -213,6 +224,17 @@ class KNetConfig:
             self.channels % self.update.num_heads == 0,
             f"channels ({self.channels}) must be divisible by update.num_heads ({self.update.num_heads})",
         )
+        updator = self.update.updator_channels
+        _require(
+            updator is None or self.channels % updator == 0,
+            f"update.updator_channels ({updator}) must divide channels ({self.channels})",
+        )
+        if self.task != "semantic":
+            _require(
+                self.backbone.output_stride == 32,
+                f"backbone.output_stride {self.backbone.output_stride} is for the semantic decode heads; "
+                f"task {self.task!r} needs 32 (the FPN expects strides 4-32)",
+            )
         _require(
             self.size_divisor > 0 and self.size_divisor % 32 == 0,
             f"size_divisor must be a positive multiple of 32 (the backbone's stride), got {self.size_divisor}",
@@ -275,9 +297,16 @@ class KNetConfig:
         if task == "instance":
             data["inference"] = {"panoptic_on": False, "instance_on": True, "semantic_on": False}
         elif task == "semantic":
-            # Semantic R50 (mmseg): BN is trained, nothing frozen; the ResNet runs undilated for UPerNet.
+            # Semantic R50 (mmseg): BN is trained, nothing frozen; the ResNet runs undilated for UPerNet
+            # (256 channels) and dilated to output stride 8 for the 512-d FCN/PSP/ASPP heads, whose
+            # update stages run a 256-d KernelUpdator on kernel halves (spec section 3).
             data["backbone"].update({"frozen_stages": -1, "norm_eval": False})
             data["inference"] = {"panoptic_on": False, "instance_on": False, "semantic_on": True}
+            if overrides.get("decode_head", "uper") != "uper":
+                data["backbone"]["output_stride"] = 8
+                if "channels" not in overrides:  # another width: the updator runs at that width
+                    data["channels"] = 512
+                    data["update"] = {"updator_channels": 256}
         if not isinstance(backbone, str):
             overrides = {**overrides, "backbone": backbone}
         for key, value in overrides.items():

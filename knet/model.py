@@ -1,4 +1,6 @@
-"""KNet: backbone -> FPN -> ConvKernelHead -> S KernelUpdateHeads, with its loss and post-processing.
+"""KNet: backbone -> neck -> kernel head -> S KernelUpdateHeads, with its loss and post-processing.
+
+Panoptic/instance: FPN + ConvKernelHead; semantic: no neck + SemanticKernelHead (knet/build.py).
 
 Training returns the criterion's weighted loss dict; evaluation returns one ``Prediction`` per image
 (docs/interfaces.md section 2). Inputs are validated here so that mistakes name the offending field.
@@ -15,9 +17,7 @@ from torch import Tensor, nn
 from torch.profiler import record_function
 
 from knet.backbone import TimmBackbone
-from knet.kernel_head import ConvKernelHead
 from knet.kernel_update import KernelUpdateHead
-from knet.neck import FPN
 from knet.structures import KernelHeadOutput, Prediction, StageOutput
 
 Criterion = Callable[..., dict[str, Tensor]]
@@ -36,8 +36,8 @@ class KNet(nn.Module):
         self,
         *,
         backbone: TimmBackbone,
-        neck: FPN,
-        kernel_head: ConvKernelHead,
+        neck: nn.Module,
+        kernel_head: nn.Module,
         stages: Sequence[KernelUpdateHead],
         criterion: Criterion,
         postprocessor: PostProcessor,

@@ -140,8 +140,3 @@ def test_instance_labels_must_be_thing_classes() -> None:
     data = make_batch(0, 1, 64, 64)  # contains stuff labels 2 and 3
     with pytest.raises(ValueError, match=r"must be in \[0, 2\)"):
         model(data.images, data.targets)
-
-
-def test_semantic_task_is_not_built_here_yet() -> None:
-    with pytest.raises(NotImplementedError, match="semantic"):
-        build_model(KNetConfig.ade20k_semantic_upernet_r50())
