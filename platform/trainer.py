@@ -82,11 +82,6 @@ def build_trainer(
 
 def validate_for_training(experiment: Experiment) -> None:
     """Combinations the schema allows but a training run cannot honour; checked before Ray starts."""
-    if experiment.task == "semantic":
-        raise ValueError(
-            "task 'semantic' cannot be trained yet: knet.build_model has no semantic K-Net (decode heads "
-            "fcn/psp/aspp/uper) so far. Use task 'panoptic' or 'instance'."
-        )
     train = experiment.train
     if train.metric.startswith("val/") and experiment.data.val is None:
         raise ValueError(

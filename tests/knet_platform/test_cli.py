@@ -48,22 +48,6 @@ def test_run_with_a_bad_file_fails_before_ray(tmp_path, capsys):
     assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
 
 
-def _semantic_quickstart_overrides() -> list[str]:
-    source = '{{format: semantic, images: "{{synthetic}}/images/{0}", masks: "{{synthetic}}/semantic/{0}", reduce_zero_label: true}}'
-    sets = ["task=semantic", f"data.train={source.format('train')}", f"data.val={source.format('val')}"]
-    return [*sets, "train.metric=val/miou"]
-
-
-def test_run_of_a_semantic_experiment_is_refused_before_ray(tmp_path, capsys, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    args = ["run", str(QUICKSTART)]
-    for override in _semantic_quickstart_overrides():
-        args += ["--set", override]
-    assert main(args) == 2
-    assert capsys.readouterr().err.startswith("error: task 'semantic' cannot be trained yet")
-    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
-
-
 def test_checkpoints_off_the_evaluated_epochs_are_refused_before_ray(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     sets = ["--set", "train.eval_interval=2", "--set", "train.checkpoint_interval=3"]

@@ -181,6 +181,41 @@ def test_quickstart_on_two_workers_logs_metrics_and_registers_a_champion_that_pr
 @pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.mlflow
+def test_semantic_quickstart_trains_evaluates_miou_and_registers_a_model_that_predicts_label_maps(
+    tmp_path: Path, local_ray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from knet_platform.experiment import load_experiment
+    from knet_platform.registry import download_model
+    from knet_platform.runner import run_experiment
+    from mlflow.tracking import MlflowClient
+
+    from knet.bundle import load_bundle
+    from tests.knet_platform.tiny_run import REPO, tiny_overrides
+
+    monkeypatch.chdir(tmp_path)
+    experiment = load_experiment(
+        str(REPO / "experiments" / "quickstart_semantic.yaml"), tiny_overrides(tmp_path, epochs=2, workers=2)
+    )
+    summary = run_experiment(experiment)
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    assert client.get_run(summary.run_id).info.status == "FINISHED"
+    miou = client.get_metric_history(summary.run_id, "val/miou")
+    assert [m.step for m in miou] == [1, 2] and all(0 <= m.value <= 100 for m in miou)
+    losses = sorted(client.get_metric_history(summary.run_id, "train/loss"), key=lambda m: m.step)
+    assert losses[1].value < losses[0].value
+    assert summary.registered.is_champion
+
+    bundle = load_bundle(download_model(summary.model_uri, uri, tmp_path / "download"))
+    image = np.random.default_rng(0).integers(0, 255, size=(48, 80, 3), dtype=np.uint8)
+    (prediction,) = bundle.predict([image])
+    assert prediction.panoptic is None and tuple(prediction.semantic.label_map.shape) == (48, 80)
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.mlflow
 def test_non_finite_loss_fails_the_run_naming_the_step_and_the_loss_terms(
     tmp_path: Path, local_ray, monkeypatch: pytest.MonkeyPatch
 ) -> None:
