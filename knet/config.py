@@ -330,9 +330,15 @@ class KNetConfig:
 
     @classmethod
     def ade20k_semantic_upernet_r50(cls) -> KNetConfig:
-        """knet_s3_upernet_r50 on ADE20K: 150 class kernels, UPerNet decode head, aux FCN head."""
+        """knet_s3_upernet_r50 on ADE20K: 150 class kernels, UPerNet decode head, aux FCN head, on a
+        ResNetV1c (deep stem: timm's resnet50c) as mmseg's R-50 configs."""
         return cls.for_task(
-            "semantic", num_thing_classes=0, num_stuff_classes=150, decode_head="uper", aux_head=True
+            "semantic",
+            num_thing_classes=0,
+            num_stuff_classes=150,
+            backbone="resnet50c",
+            decode_head="uper",
+            aux_head=True,
         )
 
 

@@ -217,3 +217,13 @@ def test_small_semantic_model_drives_the_loss_down_and_reaches_miou_0_8_on_its_t
             ious.append(inter / union)
     miou = sum(ious) / len(ious)
     assert miou >= 0.8, f"mIoU {miou:.3f} on the training images"
+
+
+def test_ade20k_preset_builds_upernet_on_a_deep_stem_resnet_with_150_class_kernels() -> None:
+    model = build_model(KNetConfig.ade20k_semantic_upernet_r50()).eval()
+    stem = model.backbone.body.conv1
+    assert isinstance(stem, torch.nn.Sequential)  # ResNetV1c: three 3x3 convs instead of one 7x7
+    with torch.no_grad():
+        head, stages = model.predict_stages(torch.randn(1, 3, 64, 96))
+    assert head.kernels.shape == (1, 150, 256) and len(stages) == 3
+    assert stages[-1].mask_logits.shape == (1, 150, 16, 24)  # UPerNet fuses at stride 4
