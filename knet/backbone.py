@@ -71,11 +71,15 @@ class TimmBackbone(nn.Module):
         self.channels_last = str(getattr(self.body, "output_fmt", "NCHW")).endswith("NHWC")
         self.frozen_stages = frozen_stages
         self.norm_eval = norm_eval
-        self._frozen_modules = self._stages()[: frozen_stages + 1] if frozen_stages >= 0 else []
-        for module in self._frozen_modules:
+        for module in self._frozen_modules():
             for parameter in module.parameters():
                 parameter.requires_grad_(False)
         self.train()
+
+    def _frozen_modules(self) -> list[nn.Module]:
+        """Looked up on every call, not stored: ``SyncBatchNorm.convert_sync_batchnorm`` swaps the norm
+        modules after construction, and stored references would keep pointing at the old ones."""
+        return self._stages()[: self.frozen_stages + 1] if self.frozen_stages >= 0 else []
 
     def _stages(self) -> list[nn.Module]:
         """[stem, stage1, ..., stage4]: the stem is every child before the first feature stage."""
@@ -88,7 +92,7 @@ class TimmBackbone(nn.Module):
     def train(self, mode: bool = True) -> TimmBackbone:
         super().train(mode)
         if mode:
-            for module in self._frozen_modules:
+            for module in self._frozen_modules():
                 module.eval()
             if self.norm_eval:
                 for module in self.modules():

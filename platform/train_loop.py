@@ -156,6 +156,10 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         if rank == 0:
             print(f"fine-tuning from the weights in {loop.init_weights_from}")
 
+    if world_size > 1 and device.type == "cuda":
+        # the reference trains with SyncBN across GPUs (semantic decode heads, trainable backbone BN);
+        # the parameters stay the same objects, so the optimizer built above still holds them
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     # DDP's unused-parameter search: a stage's class branch gets no gradient on a batch without targets.
     model = ray.train.torch.prepare_model(  # Ray
         model, parallel_strategy_kwargs={"find_unused_parameters": True}

@@ -57,6 +57,17 @@ def test_without_norm_eval_bn_statistics_update_in_train_mode() -> None:
     assert bn.training and not torch.equal(bn.running_mean, before)
 
 
+def test_frozen_stages_stay_in_eval_mode_after_conversion_to_sync_batchnorm() -> None:
+    """The platform converts BN to SyncBN for multi-GPU DDP; the frozen stem and first stage must still
+    keep their statistics, and the optimizer's parameters must be the same objects."""
+    backbone = _backbone(frozen_stages=1, norm_eval=False)
+    weight = backbone.body.layer2[0].bn1.weight
+    converted = nn.SyncBatchNorm.convert_sync_batchnorm(backbone).train()
+    assert converted is backbone and isinstance(backbone.body.bn1, nn.SyncBatchNorm)
+    assert not backbone.body.bn1.training and not backbone.body.layer1[0].bn1.training
+    assert backbone.body.layer2[0].bn1.training and backbone.body.layer2[0].bn1.weight is weight
+
+
 def test_unknown_backbone_name_lists_close_timm_names() -> None:
     with pytest.raises(ValueError, match=r"backbone.name 'resnet5O'.*resnet50"):
         _backbone("resnet5O")
