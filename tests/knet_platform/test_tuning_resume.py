@@ -6,10 +6,7 @@ recorded a finished trial and started the next one, as a crash or a lost laptop 
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -21,7 +18,7 @@ from tests.knet_platform.tiny_run import (
     BIN,
     QUICKSTART,
     cluster_env,
-    descendant_processes,
+    kill_driver,
     tiny_overrides,
     tune_overrides,
 )
@@ -44,17 +41,6 @@ def _trial_states(results: Path) -> dict[str, str]:
 
 def _knet_run(tmp_path: Path, overrides: list[str], *extra: str) -> list[str]:
     return [str(BIN / "knet"), "run", str(QUICKSTART), *extra, *(f"--set={o}" for o in overrides)]
-
-
-def _kill_driver(driver: subprocess.Popen) -> None:
-    """SIGKILL the driver alone; then make sure nothing it started outlives the test."""
-    started = descendant_processes(driver.pid)
-    driver.kill()
-    driver.wait(timeout=30)
-    time.sleep(5)  # Ray's processes share the driver's fate; give them a moment, then clean up
-    for pid in started:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
 
 
 def test_a_killed_search_resumes_and_does_not_rerun_its_finished_trials(tmp_path: Path) -> None:
@@ -82,7 +68,7 @@ def test_a_killed_search_resumes_and_does_not_rerun_its_finished_trials(tmp_path
                 assert time.time() < deadline, f"no trial finished in 480 s: {states}"
                 time.sleep(0.5)
         finally:
-            _kill_driver(driver)
+            kill_driver(driver)
     killed_at = time.time()
     finished = sorted(trial for trial, status in states.items() if status == "TERMINATED")
 
