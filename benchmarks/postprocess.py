@@ -7,7 +7,8 @@ Case: 153 kernels (100 proposals + 53 stuff), 80 + 53 classes, mask logits at st
 (800x1216 for an 800x1200 image), upsampled x2 to stride 4 as the model does; panoptic, instance and
 semantic outputs all on (the panoptic config's defaults). The logits are synthetic but shaped like a
 trained model's: 25 confident thing kernels and 10 present stuff classes with blob and band masks, the
-rest low, so the merge finds segments. The timings barely depend on the values.
+rest low, so the merge finds segments. The timings barely depend on the values. Peak memory: the growth of
+the peak RSS over one steady-state call, in a fresh subprocess per version.
 
 ``--baseline REV`` loads ``knet/postprocess.py`` as it was at git revision REV and times it in the same
 rounds (A, B, A, B, ...), so before and after meet the same load. Parts are each version's public
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import subprocess
+import sys
 import time
 import types
 from collections.abc import Callable
@@ -241,6 +243,31 @@ def _row(name: str, values: list[list[float]], ratio: bool) -> str:
     return f"| {name} | " + " | ".join(cells) + " |"
 
 
+def peak_memory_mb(revision: str | None, image_size: tuple[int, int], threads: int) -> float:
+    """Peak RSS growth (MB) of one PostProcessor call, in a fresh subprocess (``None`` = current code)."""
+    cmd = [sys.executable, "-m", "benchmarks.postprocess", "--probe-memory", revision or "current"]
+    cmd += ["--height", str(image_size[0]), "--width", str(image_size[1]), "--threads", str(threads)]
+    root = Path(__file__).resolve().parent.parent
+    output = subprocess.run(cmd, cwd=root, check=True, capture_output=True, text=True).stdout
+    return float(output.strip().splitlines()[-1])
+
+
+def run_memory_probe(revision: str, image_size: tuple[int, int], padded_size: tuple[int, int]) -> None:
+    """Print the peak RSS growth of a steady-state call (the kernel's high-water mark, reset just before)."""
+    from benchmarks.peers import _reset_peak_rss, _status_mb
+
+    module = current_postprocess if revision == "current" else load_revision(revision)
+    post = build_postprocessor(module)
+    cls_logits, mask_logits = synthetic_outputs(padded_size)
+    post(cls_logits, mask_logits, [image_size], padded_size)
+    before = _status_mb("VmRSS")
+    if not _reset_peak_rss():
+        raise RuntimeError("cannot reset the peak RSS (/proc/self/clear_refs); no memory figure")
+    predictions = post(cls_logits, mask_logits, [image_size], padded_size)
+    print(_status_mb("VmHWM") - before)
+    del predictions
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--height", type=int, default=800)
@@ -251,10 +278,14 @@ def main() -> None:
     parser.add_argument("--no-model", action="store_true", help="skip the model forward rows")
     parser.add_argument("--peer-size", type=int, default=512, help="image size of the peers case")
     parser.add_argument("--peer-batch", type=int, default=2, help="batch of the peers case")
+    parser.add_argument("--probe-memory", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     image_size = (args.height, args.width)
     padded_size = (-(-args.height // 32) * 32, -(-args.width // 32) * 32)
+    if args.probe_memory:
+        run_memory_probe(args.probe_memory, image_size, padded_size)
+        return
     cls_logits, mask_logits = synthetic_outputs(padded_size)
     modules = {"current": current_postprocess}
     if args.baseline:
@@ -272,6 +303,9 @@ def main() -> None:
     )
     print("\nPostProcessor, one image (panoptic + instance + semantic)\n")
     print(header, rule, _row("whole call", list(whole.values()), True), sep="\n")
+    revisions = {name: (args.baseline if name != "current" else None) for name in modules}
+    memory = [f"{peak_memory_mb(rev, image_size, args.threads):.0f}" for rev in revisions.values()]
+    print("| peak memory growth, MB |", " | ".join(memory), "|" + (" |" if len(modules) == 2 else ""))
     current_result = posts["current"](*arguments)[0]
     print(f"\n{current_result.panoptic.labels.numel()} panoptic segments, "
           f"{current_result.instance.masks.shape[0]} instance masks")  # fmt: skip
