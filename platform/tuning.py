@@ -259,8 +259,10 @@ def _run_trial(
     try:
         trainer.fit()
     except BaseException as error:
-        client.set_tag(run_id, "knet.error", _error_text(error))
-        end_run(target.tracking_uri, run_id, "FAILED")
+        # The driver's TrialRunCloser ends the run (FAILED on a trial error). A trial ASHA stops can also
+        # land here, interrupted mid-epoch, after the driver already ended its run FINISHED: leave it.
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_tag(run_id, "knet.error", _error_text(error))
         raise
 
 
@@ -350,6 +352,10 @@ class TrialRunCloser(Callback):
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         epochs = int((trial.last_result or {}).get("epoch", 0))
         self._end(trial, "FINISHED", {"knet.stopped_early": str(epochs < self.max_epochs).lower()})
+        run_id = _child_run(self.target, self.parent_run_id, trial.trial_id)
+        client = MlflowClient(tracking_uri=self.target.tracking_uri)
+        if run_id is not None and "knet.error" in client.get_run(run_id).data.tags:
+            client.delete_tag(run_id, "knet.error")  # the interruption of a stopped trial is no error
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._end(trial, "FAILED", {"knet.status": "ERROR"})
