@@ -27,8 +27,12 @@ pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.mlflow]
 
 
 def _trial_states(results: Path) -> dict[str, str]:
-    """{trial id: status} from the newest experiment state Tune wrote under ``results``."""
-    files = sorted(results.glob("*-search-*/experiment_state-*.json"), key=lambda f: f.stat().st_mtime)
+    """{trial id: status} from the newest experiment state Tune wrote under ``results``.
+
+    Newest by the session timestamp in the file name, not by mtime: a resumed driver copies the
+    killed session's state file back to storage at its final sync, giving the stale file a new mtime.
+    """
+    files = sorted(results.glob("*-search-*/experiment_state-*.json"), key=lambda f: f.name)
     if not files:
         return {}
     try:

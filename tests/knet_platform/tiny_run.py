@@ -12,7 +12,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from knet_platform.experiment import Experiment, load_experiment
@@ -133,13 +132,20 @@ def descendant_processes(root: int | None = None) -> dict[int, str]:
     return found
 
 
-def kill_driver(driver: subprocess.Popen, grace_s: float = 5.0) -> None:
-    """SIGKILL a ``knet run`` driver alone, as a crash would; then SIGKILL whatever it started (its
-    local Ray's processes) so nothing outlives the test. Only processes descending from ``driver``."""
-    started = descendant_processes(driver.pid)
-    driver.kill()
-    driver.wait(timeout=30)
-    time.sleep(grace_s)  # Ray's processes notice their driver is gone; give them a moment
-    for pid in started:
+def kill_driver(driver: subprocess.Popen) -> None:
+    """Crash a ``knet run`` driver and the local Ray it started, all at one instant, as a lost machine
+    would: every process of the tree is frozen (SIGSTOP, repeated until no new child appears), then
+    SIGKILLed. Nothing of the killed run can log or write after this returns, so a test can compare
+    timestamps with the moment it returned. Only processes descending from ``driver`` are touched."""
+    frozen: set[int] = set()
+    tree = {driver.pid}
+    while tree - frozen:
+        for pid in tree - frozen:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+        frozen |= tree
+        tree = {driver.pid, *descendant_processes(driver.pid)}
+    for pid in frozen:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+    driver.wait(timeout=30)
