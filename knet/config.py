@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
@@ -17,6 +20,101 @@ DecodeHead = Literal["fcn", "psp", "aspp", "uper"]
 
 TASKS: tuple[str, ...] = get_args(Task)
 DECODE_HEADS: tuple[str, ...] = get_args(DecodeHead)
+
+
+class ConfigFieldError(ValueError):
+    """A model config value of the wrong type or shape.
+
+    key: its dotted path inside the model config (``update.dropout``), so a caller holding the model
+    config under a section of its own can name it in full (``model.update.dropout``); problem: the rest
+    of the message (``must be a float, got None``).
+    """
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"model config key '{key}' {problem}")
+        self.key = key
+        self.problem = problem
+
+
+def check_field_types(config: Any, section: str) -> None:
+    """Check every field of the dataclass instance ``config`` against its annotation.
+
+    int fields take an int (not a bool, not a float such as 2.0); float fields an int or a float (not a
+    bool; an int is stored as a float); bool fields a bool; str fields a str; ``X | None`` also None;
+    Literal fields one of their values; list / tuple fields a list or tuple whose items fit (stored as
+    the annotated container); dataclass fields an instance. ``section`` prefixes the keys in errors
+    ("" for the top level). Raises ConfigFieldError naming the first offending key.
+    """
+    for name, annotation in _field_types(type(config)).items():
+        value = getattr(config, name)
+        conformed = _conform(value, annotation, f"{section}.{name}" if section else name)
+        if conformed is not value:
+            setattr(config, name, conformed)
+
+
+@functools.cache
+def _field_types(config_type: type) -> dict[str, Any]:
+    """The resolved annotations of a config dataclass (this module postpones them as strings)."""
+    hints = typing.get_type_hints(config_type)
+    return {f.name: hints[f.name] for f in dataclasses.fields(config_type)}
+
+
+_TYPE_NAMES: dict[Any, tuple[str, str]] = {  # annotation -> (one value, several values)
+    bool: ("a bool (true or false)", "bools"),
+    int: ("an integer", "integers"),
+    float: ("a float", "floats"),
+    str: ("a string", "strings"),
+    type(None): ("None", "None"),
+}
+
+
+def _describe(annotation: Any, plural: bool = False) -> str:
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation in _TYPE_NAMES:
+        return _TYPE_NAMES[annotation][plural]
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(option, plural) for option in args)
+    if origin is Literal:
+        return "one of " + ", ".join(map(repr, args))
+    if origin is list or (origin is tuple and args[1:] == (Ellipsis,)):
+        return f"a list of {_describe(args[0], plural=True)}"
+    if origin is tuple:
+        return f"a list of {len(args)} items ({', '.join(_describe(arg) for arg in args)})"
+    return f"a {getattr(annotation, '__name__', annotation)}"
+
+
+def _conform(value: Any, annotation: Any, key: str) -> Any:
+    """``value`` if it fits ``annotation`` (an int in a float field becomes a float, a sequence takes the
+    annotated container); else ConfigFieldError naming ``key``."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        for option in args:
+            try:
+                return _conform(value, option, key)
+            except ConfigFieldError:
+                continue
+    elif origin is Literal:
+        if any(type(value) is type(option) and value == option for option in args):
+            return value
+    elif origin in (list, tuple):
+        if isinstance(value, (list, tuple)):
+            variadic = origin is list or args[1:] == (Ellipsis,)
+            item_types = (args[0],) * len(value) if variadic else args
+            if len(item_types) == len(value):
+                pairs = zip(value, item_types, strict=True)
+                return origin(_conform(item, tp, f"{key}[{i}]") for i, (item, tp) in enumerate(pairs))
+    elif annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif annotation in (bool, str, type(None)) or dataclasses.is_dataclass(annotation):
+        if isinstance(value, annotation):
+            return value
+    else:
+        raise TypeError(f"knet.config: no type rule for {annotation!r} ({key})")  # a bug in this module
+    raise ConfigFieldError(key, f"must be {_describe(annotation)}, got {value!r}")
 
 
 def _require(condition: bool, message: str) -> None:
@@ -56,6 +154,7 @@ class BackboneConfig:
     drop_path_rate: float = 0.0
 
     def __post_init__(self) -> None:
+        check_field_types(self, "backbone")
         _require(bool(self.name), "backbone.name must be a non-empty timm model name, e.g. 'resnet50'")
         _require(
             -1 <= self.frozen_stages <= 4,
@@ -92,6 +191,7 @@ class KernelUpdateConfig:
     updator_channels: int | None = None
 
     def __post_init__(self) -> None:
+        check_field_types(self, "update")
         _require(
             self.conv_kernel_size >= 1 and self.conv_kernel_size % 2 == 1,
             f"update.conv_kernel_size must be a positive odd number (1, 3, ...), got {self.conv_kernel_size}",
@@ -120,6 +220,7 @@ class LossConfig:
     aux_weight: float = 0.4
 
     def __post_init__(self) -> None:
+        check_field_types(self, "loss")
         for name in ("cls_weight", "mask_weight", "dice_weight", "rank_weight", "seg_weight", "aux_weight"):
             _require_non_negative("loss", name, getattr(self, name))
 
@@ -133,6 +234,7 @@ class MatcherConfig:
     mask_cost: float = 1.0
 
     def __post_init__(self) -> None:
+        check_field_types(self, "matcher")
         for name in ("cls_cost", "dice_cost", "mask_cost"):
             _require_non_negative("matcher", name, getattr(self, name))
 
@@ -150,6 +252,7 @@ class InferenceConfig:
     semantic_on: bool = True
 
     def __post_init__(self) -> None:
+        check_field_types(self, "inference")
         _require_positive("inference", "max_per_image", self.max_per_image)
         _require_probability("inference", "mask_thr", self.mask_thr)
         _require_probability("inference", "instance_score_thr", self.instance_score_thr)
@@ -192,11 +295,7 @@ class KNetConfig:
     inference: InferenceConfig = field(default_factory=InferenceConfig)
 
     def __post_init__(self) -> None:
-        _require(self.task in TASKS, f"task must be one of {TASKS}, got {self.task!r}")
-        _require(
-            self.decode_head in DECODE_HEADS,
-            f"decode_head must be one of {DECODE_HEADS}, got {self.decode_head!r}",
-        )
+        check_field_types(self, "")
         _require_non_negative("config", "num_thing_classes", self.num_thing_classes)
         _require_non_negative("config", "num_stuff_classes", self.num_stuff_classes)
         if self.task == "instance":
@@ -255,7 +354,8 @@ class KNetConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> KNetConfig:
-        """Strict: an unknown key raises ValueError naming its dotted path and the closest known key."""
+        """Strict: an unknown key raises ValueError naming its dotted path and the closest known key; a
+        value of the wrong type raises ConfigFieldError (a ValueError) naming its dotted key."""
         if isinstance(data, KNetConfig):
             return data
         _require(isinstance(data, dict), f"model config must be a mapping, got {type(data).__name__}")
@@ -266,7 +366,8 @@ class KNetConfig:
             if nested is None or isinstance(value, nested):
                 kwargs[key] = value
             else:
-                _require(isinstance(value, dict), f"{key} must be a mapping, got {type(value).__name__}")
+                if not isinstance(value, dict):
+                    raise ConfigFieldError(key, f"must be a mapping (a config section), got {value!r}")
                 _check_keys(nested, value, prefix=f"{key}.")
                 kwargs[key] = nested(**value)
         return cls(**kwargs)

@@ -8,7 +8,7 @@ Training returns the criterion's weighted loss dict; evaluation returns one ``Pr
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -129,9 +129,15 @@ class KNet(nn.Module):
         return sizes
 
     def _check_targets(self, targets: list[dict[str, Any]], sizes: list[tuple[int, int]]) -> None:
+        if not isinstance(targets, (list, tuple)):
+            raise ValueError(f"targets must be a list with one dict per image, got {type(targets).__name__}")
         if len(targets) != len(sizes):
             raise ValueError(f"len(targets) = {len(targets)} must equal the batch size {len(sizes)}")
         for index, (target, size) in enumerate(zip(targets, sizes, strict=True)):
+            if not isinstance(target, Mapping):
+                raise ValueError(
+                    f"targets[{index}] must be a dict with 'labels' and 'masks', got {type(target).__name__}"
+                )
             labels, masks = target.get("labels"), target.get("masks")
             if not isinstance(labels, Tensor) or labels.dim() != 1 or labels.dtype != torch.int64:
                 raise ValueError(f"targets[{index}]['labels'] must be an int64 tensor of shape (M,)")

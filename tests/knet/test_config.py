@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
+from dataclasses import dataclass, field
 
 import pytest
 
-from knet import KNetConfig
+from knet import BackboneConfig, InferenceConfig, KernelUpdateConfig, KNetConfig, LossConfig
+from knet.config import ConfigFieldError, check_field_types
 
 
 def test_defaults_are_the_paper_panoptic_r50_settings() -> None:
@@ -100,3 +103,93 @@ def test_for_task_accepts_a_backbone_section_merged_over_the_preset() -> None:
         backbone={"name": "resnet18", "output_stride": 8},
     )
     assert (cfg.backbone.name, cfg.backbone.output_stride, cfg.backbone.norm_eval) == ("resnet18", 8, False)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"num_proposals": 2.5}, "'num_proposals' must be an integer, got 2.5"),
+        ({"num_proposals": "100"}, "'num_proposals' must be an integer, got '100'"),
+        ({"channels": 256.0}, "'channels' must be an integer, got 256.0"),
+        ({"num_stages": True}, "'num_stages' must be an integer, got True"),
+        ({"aux_head": "yes"}, "'aux_head' must be a bool (true or false), got 'yes'"),
+        ({"aux_head": 1}, "'aux_head' must be a bool (true or false), got 1"),
+        ({"task": 3}, "'task' must be one of 'panoptic', 'instance', 'semantic', got 3"),
+        ({"backbone": {"name": 5}}, "'backbone.name' must be a string, got 5"),
+        ({"backbone": {"pretrained_path": 3}}, "'backbone.pretrained_path' must be a string or None, got 3"),
+        (
+            {"backbone": {"norm_eval": "false"}},
+            "'backbone.norm_eval' must be a bool (true or false), got 'false'",
+        ),
+        ({"update": {"dropout": None}}, "'update.dropout' must be a float, got None"),
+        ({"update": {"num_heads": 8.0}}, "'update.num_heads' must be an integer, got 8.0"),
+        (
+            {"update": {"updator_channels": "128"}},
+            "'update.updator_channels' must be an integer or None, got '128'",
+        ),
+        ({"loss": {"cls_weight": "2"}}, "'loss.cls_weight' must be a float, got '2'"),
+        ({"loss": {"dice_weight": False}}, "'loss.dice_weight' must be a float, got False"),
+        ({"matcher": {"mask_cost": [1.0]}}, "'matcher.mask_cost' must be a float, got [1.0]"),
+        (
+            {"inference": {"panoptic_on": "no"}},
+            "'inference.panoptic_on' must be a bool (true or false), got 'no'",
+        ),
+        ({"inference": {"max_per_image": 1e2}}, "'inference.max_per_image' must be an integer, got 100.0"),
+        ({"update": 5}, "'update' must be a mapping (a config section), got 5"),
+    ],
+)
+def test_values_of_the_wrong_type_raise_an_error_naming_the_key_and_the_type(
+    data: dict, message: str
+) -> None:
+    with pytest.raises(ConfigFieldError, match=f"^model config key {re.escape(message)}$"):
+        KNetConfig.from_dict(data)
+
+
+def test_a_type_error_carries_its_key_for_callers_that_prefix_their_own_section() -> None:
+    with pytest.raises(ValueError) as caught:
+        KNetConfig.for_task("panoptic", num_thing_classes=2, num_stuff_classes=1, update={"dropout": None})
+    assert isinstance(caught.value, ConfigFieldError)
+    assert (caught.value.key, caught.value.problem) == ("update.dropout", "must be a float, got None")
+
+
+@pytest.mark.parametrize(
+    ("build", "key"),
+    [
+        (lambda: KNetConfig(num_proposals=2.5), "num_proposals"),
+        (lambda: KNetConfig(backbone={"name": "resnet18"}), "backbone"),
+        (lambda: BackboneConfig(frozen_stages="1"), "backbone.frozen_stages"),
+        (lambda: KernelUpdateConfig(gate_sigmoid=1), "update.gate_sigmoid"),
+        (lambda: LossConfig(rank_weight=None), "loss.rank_weight"),
+        (lambda: InferenceConfig(semantic_on="yes"), "inference.semantic_on"),
+    ],
+)
+def test_dataclasses_built_directly_check_their_types_too(build, key: str) -> None:  # noqa: ANN001
+    with pytest.raises(ConfigFieldError, match=f"'{re.escape(key)}' must be"):
+        build()
+
+
+def test_ints_are_accepted_and_stored_as_floats_in_float_fields() -> None:
+    cfg = KNetConfig.from_dict({"loss": {"cls_weight": 3}, "inference": {"mask_thr": 1}})
+    assert type(cfg.loss.cls_weight) is float and cfg.loss.cls_weight == 3.0
+    assert type(cfg.inference.mask_thr) is float and cfg.inference.mask_thr == 1.0
+
+
+@dataclass
+class _Sequences:
+    sizes: list[int] = field(default_factory=lambda: [1, 2])
+    pair: tuple[int, float] = (1, 2.0)
+
+    def __post_init__(self) -> None:
+        check_field_types(self, "demo")
+
+
+def test_list_and_tuple_fields_are_checked_item_by_item_and_take_their_container() -> None:
+    assert _Sequences(sizes=(3, 4), pair=[5, 6]) == _Sequences(sizes=[3, 4], pair=(5, 6.0))
+    with pytest.raises(ConfigFieldError, match=r"'demo\.sizes\[1\]' must be an integer, got 'b'"):
+        _Sequences(sizes=[1, "b"])
+    with pytest.raises(
+        ConfigFieldError, match=r"'demo\.pair' must be a list of 2 items \(an integer, a float\)"
+    ):
+        _Sequences(pair=(1,))
+    with pytest.raises(ConfigFieldError, match=r"'demo\.sizes' must be a list of integers, got 3"):
+        _Sequences(sizes=3)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 from knet.kernel_update import KernelUpdateHead
 
@@ -40,6 +43,63 @@ def test_3x3_kernels_use_the_b_n_taps_c_layout_and_convolve_with_padding() -> No
     )
     assert out.kernels.shape == (2, 7, 9, 32)
     assert out.mask_logits.shape == (2, 7, 9, 13)
+
+
+def _layer_norm(x: torch.Tensor, norm: torch.nn.LayerNorm) -> torch.Tensor:
+    mean = x.mean(-1, keepdim=True)
+    var = x.var(-1, unbiased=False, keepdim=True)
+    return (x - mean) / torch.sqrt(var + norm.eps) * norm.weight + norm.bias
+
+
+def _linear(x: torch.Tensor, layer: torch.nn.Linear) -> torch.Tensor:
+    return x @ layer.weight.T if layer.bias is None else x @ layer.weight.T + layer.bias
+
+
+def _self_attention(tokens: torch.Tensor, attention: torch.nn.MultiheadAttention) -> torch.Tensor:
+    """Plain multi-head self-attention (no positional embedding, no mask): tokens (N, B, E) -> (N, B, E)."""
+    num, batch, embed = tokens.shape
+    heads, width = attention.num_heads, embed // attention.num_heads
+    q, k, v = (tokens @ attention.in_proj_weight.T + attention.in_proj_bias).chunk(3, dim=-1)
+    q, k, v = (t.reshape(num, batch, heads, width).permute(1, 2, 0, 3) for t in (q, k, v))  # (B, h, N, w)
+    weights = (q @ k.transpose(-1, -2) / math.sqrt(width)).softmax(-1)  # (B, h, N, N)
+    mixed = (weights @ v).permute(2, 0, 1, 3).reshape(num, batch, embed)
+    return _linear(mixed, attention.out_proj)
+
+
+def test_interaction_is_post_norm_attention_then_post_norm_ffn_and_classes_come_from_the_summed_taps() -> (
+    None
+):
+    """Spec section 2, steps 5-7 on 3x3 kernels: y = LN(x + MHA(x)) over the N kernels of each image,
+    z = LN(y + FFN(y)) (the kernels passed on), cls = fc_cls(ReLU(LN(FC(sum of z over the K*K taps))))."""
+    torch.manual_seed(0)
+    head = _head(conv_kernel_size=3).double().eval()
+    for module in head.modules():  # LayerNorms start at (1, 0) and attention biases at 0: make them visible
+        if isinstance(module, torch.nn.LayerNorm):
+            torch.nn.init.normal_(module.weight, 1.0, 0.5)
+            torch.nn.init.normal_(module.bias, 0.0, 0.5)
+    torch.nn.init.normal_(head.attention.in_proj_bias, 0.0, 0.5)
+    torch.nn.init.normal_(head.attention.out_proj.bias, 0.0, 0.5)
+    batch, num, taps, channels = 2, 5, 9, 32
+    captured: dict[str, torch.Tensor] = {}
+    hook = head.kernel_update_conv.register_forward_hook(lambda m, args, out: captured.update(updated=out))
+    out = head(
+        torch.randn(batch, channels, 6, 7, dtype=torch.float64),
+        torch.randn(batch, num, taps, channels, dtype=torch.float64),
+        torch.randn(batch, num, 6, 7, dtype=torch.float64),
+    )
+    hook.remove()
+
+    tokens = captured["updated"].reshape(batch, num, taps * channels).transpose(0, 1)  # (N, B, K*K*C)
+    attended = _layer_norm(tokens + _self_attention(tokens, head.attention), head.attention_norm)
+    y = attended.transpose(0, 1).reshape(batch, num, taps, channels)
+    hidden, projection = head.ffn[0], head.ffn[3]
+    z = _layer_norm(y + _linear(F.relu(_linear(y, hidden)), projection), head.ffn_norm)
+    torch.testing.assert_close(out.kernels, z)
+
+    fc, norm = head.cls_fcs[0], head.cls_fcs[1]
+    cls_logits = _linear(F.relu(_layer_norm(_linear(z.sum(dim=2), fc), norm)), head.fc_cls)
+    assert out.cls_logits is not None
+    torch.testing.assert_close(out.cls_logits, cls_logits)
 
 
 def test_masks_are_the_fc_mask_kernels_convolved_with_the_transformed_features() -> None:

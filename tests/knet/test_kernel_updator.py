@@ -43,7 +43,7 @@ def _randomise_norms(module: KernelUpdator) -> None:
             torch.nn.init.normal_(norm.bias, 0.0, 0.5)
 
 
-def test_updator_equals_the_gating_formulas_for_1x1_kernels() -> None:
+def test_updator_equals_the_gating_formulas_without_a_residual_for_1x1_kernels() -> None:
     torch.manual_seed(0)
     module = KernelUpdator(channels=32)
     _randomise_norms(module)
@@ -61,14 +61,12 @@ def test_updator_broadcasts_the_group_feature_over_kernel_taps() -> None:
     torch.testing.assert_close(out, _reference(module, group, kernels))
 
 
-def test_updator_output_is_non_negative_and_has_no_residual() -> None:
+def test_updator_output_is_non_negative() -> None:
     torch.manual_seed(2)
     module = KernelUpdator(channels=32)
     group, kernels = torch.randn(5, 32), torch.randn(5, 1, 32)
     out = module(group, kernels)
     assert (out >= 0).all()
-    # Adding the input back would change the output: it must equal the formula without a residual.
-    assert not torch.allclose(out, _reference(module, group, kernels) + kernels)
 
 
 def test_updator_parameter_count_matches_the_spec_fingerprint() -> None:

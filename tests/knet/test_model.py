@@ -8,7 +8,7 @@ import torch
 
 from knet import KNetConfig, build_model
 from knet.model import KNet
-from knet.structures import Prediction
+from knet.structures import InstancePrediction, PanopticPrediction, Prediction
 from tests.support.shapes import NUM_STUFF_CLASSES, NUM_THING_CLASSES, make_batch
 
 TINY = dict(channels=32, num_proposals=6, num_stages=2, update={"feedforward_channels": 64, "num_heads": 4})
@@ -23,11 +23,35 @@ def tiny_model(task: str = "panoptic", **overrides: object) -> KNet:
     return build_model(cfg)
 
 
+def assert_panoptic_prediction(panoptic: PanopticPrediction, size: tuple[int, int]) -> None:
+    """Segment ids 1..M each label some pixels (0 = VOID) and index M labels, scores and is_thing flags."""
+    num_segments = panoptic.labels.shape[0]
+    assert panoptic.segment_map.shape == size and panoptic.segment_map.dtype == torch.int64
+    assert set(panoptic.segment_map.unique().tolist()) - {0} == set(range(1, num_segments + 1))
+    assert panoptic.labels.shape == panoptic.scores.shape == panoptic.is_thing.shape == (num_segments,)
+    assert panoptic.labels.dtype == torch.int64 and panoptic.scores.dtype == torch.float32
+    assert panoptic.is_thing.dtype == torch.bool
+    assert torch.equal(panoptic.is_thing, panoptic.labels < NUM_THING_CLASSES)
+
+
+def assert_instance_prediction(instance: InstancePrediction, size: tuple[int, int], count: int) -> None:
+    """The top ``count`` (kernel, thing class) pairs: no threshold and no NMS, so always ``count`` masks."""
+    assert instance.masks.shape == (count, *size) and instance.masks.dtype == torch.bool
+    assert instance.labels.shape == instance.scores.shape == (count,)
+    assert instance.labels.dtype == torch.int64 and instance.scores.dtype == torch.float32
+    assert int(instance.labels.min()) >= 0 and int(instance.labels.max()) < NUM_THING_CLASSES
+    assert torch.equal(instance.scores, instance.scores.sort(descending=True).values)
+
+
 @pytest.mark.parametrize("task", ["panoptic", "instance"])
-@pytest.mark.parametrize("batch", [1, 2])
-def test_odd_sized_batch_gives_finite_losses_and_per_image_predictions(task: str, batch: int) -> None:
+@pytest.mark.parametrize(
+    ("batch", "empty_index"), [(1, None), (1, 0), (2, 1)], ids=["one-image", "one-empty-image", "two-images"]
+)
+def test_odd_sized_batch_gives_finite_losses_and_per_image_predictions(
+    task: str, batch: int, empty_index: int | None
+) -> None:
     model = tiny_model(task)
-    data = make_batch(0, batch, 200, 311, empty_index=batch - 1, instance_only=task == "instance")
+    data = make_batch(0, batch, 200, 311, empty_index=empty_index, instance_only=task == "instance")
     losses = model.train()(data.images, data.targets)
     assert "s1.loss_mask" in losses and "rpn.loss_dice" in losses and "s0.loss_cls" in losses
     for key, value in losses.items():
@@ -37,12 +61,20 @@ def test_odd_sized_batch_gives_finite_losses_and_per_image_predictions(task: str
     with torch.no_grad():
         predictions = model.eval()(data.images)
     assert len(predictions) == batch and all(isinstance(p, Prediction) for p in predictions)
+    size = (200, 311)
+    coarse = (224 // 8, 320 // 8)  # stride 8 of the input padded to multiples of 32
     for prediction in predictions:
-        assert prediction.image_size == (200, 311)
+        assert prediction.image_size == size
+        assert_instance_prediction(prediction.instance, size, count=TINY["num_proposals"] * NUM_THING_CLASSES)
         if task == "panoptic":
-            assert prediction.panoptic is not None and prediction.panoptic.segment_map.shape == (200, 311)
+            assert_panoptic_prediction(prediction.panoptic, size)
+            semantic = prediction.semantic
+            assert semantic.label_map.shape == size and semantic.label_map.dtype == torch.int64
+            assert int(semantic.label_map.max()) < NUM_THING_CLASSES + NUM_STUFF_CLASSES
+            assert semantic.class_scores.shape == (NUM_THING_CLASSES + NUM_STUFF_CLASSES, *coarse)
+            assert semantic.class_scores.dtype == torch.float32
         else:
-            assert prediction.instance is not None and prediction.instance.masks.shape[-2:] == (200, 311)
+            assert prediction.panoptic is None and prediction.semantic is None
 
 
 def test_image_sizes_crop_predictions_to_each_image() -> None:
@@ -115,8 +147,26 @@ def _valid() -> tuple[torch.Tensor, list[dict]]:
             ),
             r"targets\[0\]: masks has \d+ masks but labels has 1",
         ),
+        (
+            lambda images, targets: (images, [targets[0], (targets[1]["labels"], targets[1]["masks"])]),
+            r"targets\[1\] must be a dict with 'labels' and 'masks', got tuple",
+        ),
+        (
+            lambda images, targets: (images, targets[0]),
+            "targets must be a list with one dict per image, got dict",
+        ),
     ],
-    ids=["channels", "dtype", "num-targets", "mask-dtype", "mask-size", "label-range", "label-count"],
+    ids=[
+        "channels",
+        "dtype",
+        "num-targets",
+        "mask-dtype",
+        "mask-size",
+        "label-range",
+        "label-count",
+        "target-tuple",
+        "targets-dict",
+    ],
 )
 def test_bad_training_inputs_raise_errors_naming_the_field(corrupt, message: str) -> None:  # noqa: ANN001
     model = tiny_model().train()

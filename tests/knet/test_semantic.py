@@ -12,6 +12,7 @@ from knet.decode_heads import ASPPHead, FCNHead, PSPHead, UPerHead
 from knet.kernel_update import KernelUpdateHead
 from knet.model import KNet
 from knet.semantic_loss import cross_entropy, label_maps
+from knet.structures import SemanticPrediction
 from tests.support.shapes import NUM_STUFF_CLASSES, NUM_THING_CLASSES, make_batch
 
 NUM_CLASSES = NUM_THING_CLASSES + NUM_STUFF_CLASSES
@@ -38,6 +39,18 @@ def semantic_model(decode_head: str = "uper", **overrides: object) -> KNet:
     return build_model(cfg)
 
 
+def assert_semantic_prediction(
+    semantic: SemanticPrediction, size: tuple[int, int], coarse: tuple[int, int]
+) -> None:
+    """label_map: a class per pixel at the image size; class_scores: a softmax over the classes at the
+    last stage's resolution of the padded input."""
+    assert tuple(semantic.label_map.shape) == size and semantic.label_map.dtype == torch.int64
+    assert int(semantic.label_map.min()) >= 0 and int(semantic.label_map.max()) < NUM_CLASSES
+    assert semantic.class_scores.shape == (NUM_CLASSES, *coarse)
+    assert semantic.class_scores.dtype == torch.float32
+    torch.testing.assert_close(semantic.class_scores.sum(0), torch.ones(coarse))
+
+
 @pytest.mark.parametrize("decode_head", ["fcn", "psp", "aspp", "uper"])
 def test_each_decode_head_gives_a_loss_per_logit_map_and_a_label_map_at_each_image_size(
     decode_head: str,
@@ -56,11 +69,24 @@ def test_each_decode_head_gives_a_loss_per_logit_map_and_a_label_map_at_each_ima
     sizes = [(100, 131), (90, 120)]
     with torch.no_grad():
         predictions = model.eval()(data.images, image_sizes=sizes)
+    stride = 4 if decode_head == "uper" else 8  # UPerNet fuses at stride 4; the dilated heads run at 8
+    assert len(predictions) == 2
     for prediction, size in zip(predictions, sizes, strict=True):
         assert prediction.panoptic is None and prediction.instance is None
-        assert tuple(prediction.semantic.label_map.shape) == size
-        assert prediction.semantic.label_map.dtype == torch.int64
-        assert int(prediction.semantic.label_map.max()) < NUM_CLASSES
+        assert_semantic_prediction(prediction.semantic, size, (128 // stride, 160 // stride))
+
+
+def test_a_one_image_batch_gives_finite_losses_and_one_prediction_at_its_odd_size() -> None:
+    model = semantic_model("fcn")
+    data = make_batch(2, 1, 100, 131)
+    targets = [semantic_targets(t) for t in data.targets]
+    assert targets[0]["labels"].numel() > 0
+    losses = model.train()(data.images, targets)
+    assert all(value.dim() == 0 and torch.isfinite(value) and value > 0 for value in losses.values())
+    with torch.no_grad():
+        predictions = model.eval()(data.images)
+    assert len(predictions) == 1 and predictions[0].image_size == (100, 131)
+    assert_semantic_prediction(predictions[0].semantic, (100, 131), (128 // 8, 160 // 8))
 
 
 def test_dilated_heads_use_output_stride_8_and_a_256_channel_updator_on_512_channel_kernels() -> None:
