@@ -4,7 +4,12 @@ Layout (docs/interfaces.md §2)::
 
     weights.pt          state dict (loaded with ``torch.load(weights_only=True)``)
     model_config.json   KNetConfig.to_dict()
-    inference.json      {"categories": CategoryTable.to_dict(), "transforms": TransformConfig.to_dict()}
+    inference.json      {"categories": CategoryTable.to_dict(), "transforms": TransformConfig.to_dict(),
+                         "reduce_zero_label": bool}
+
+``reduce_zero_label`` records how the training labels were read (ADE20K: file value v is class id
+v - 1, 0 unlabelled), so semantic predictions can be written back as the dataset's file values;
+bundles written before it existed lack the key and load as ``False``.
 """
 
 from __future__ import annotations
@@ -35,8 +40,13 @@ def save_bundle(
     config: KNetConfig,
     categories: CategoryTable,
     transforms: TransformConfig,
+    *,
+    reduce_zero_label: bool = False,
 ) -> Path:
-    """Write the three bundle files into ``directory`` (created if needed); returns it."""
+    """Write the three bundle files into ``directory`` (created if needed); returns it.
+
+    ``reduce_zero_label``: the training data's ``DataSource.reduce_zero_label`` (semantic labels).
+    """
     if (config.num_thing_classes, config.num_stuff_classes) != (
         categories.num_thing_classes,
         categories.num_stuff_classes,
@@ -51,20 +61,28 @@ def save_bundle(
     state = {key: value.detach().cpu() for key, value in model.state_dict().items()}
     torch.save(state, directory / WEIGHTS_FILE)
     (directory / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2))
-    inference = {"categories": categories.to_dict(), "transforms": transforms.to_dict()}
+    inference = {
+        "categories": categories.to_dict(),
+        "transforms": transforms.to_dict(),
+        "reduce_zero_label": bool(reduce_zero_label),
+    }
     (directory / INFERENCE_FILE).write_text(json.dumps(inference, indent=2))
     return directory
 
 
 @dataclass
 class ModelBundle:
-    """A loaded bundle: the model in eval mode plus what it needs to read images and name classes."""
+    """A loaded bundle: the model in eval mode plus what it needs to read images and name classes.
+
+    ``reduce_zero_label``: semantic label files hold dataset id + 1 (0 = unlabelled), as in training.
+    """
 
     model: nn.Module
     config: KNetConfig
     categories: CategoryTable
     transforms: TransformConfig
     batch_size: int = 2
+    reduce_zero_label: bool = False
 
     @torch.no_grad()
     def predict(self, images: list[np.ndarray]) -> list[Prediction]:
@@ -109,6 +127,11 @@ def load_bundle(directory: str | Path, *, device: str | torch.device = "cpu") ->
             raise FileNotFoundError(f"{directory} is not a model bundle: {name} is missing")
     config = KNetConfig.from_dict(json.loads((directory / CONFIG_FILE).read_text()))
     inference = json.loads((directory / INFERENCE_FILE).read_text())
+    reduce_zero_label = inference.get("reduce_zero_label", False)  # absent in older bundles
+    if not isinstance(reduce_zero_label, bool):
+        raise ValueError(
+            f"{directory / INFERENCE_FILE}: reduce_zero_label must be true or false, got {reduce_zero_label!r}"
+        )
     model = build_model(config)
     state = torch.load(directory / WEIGHTS_FILE, map_location="cpu", weights_only=True)
     model.load_state_dict(state)
@@ -118,6 +141,7 @@ def load_bundle(directory: str | Path, *, device: str | torch.device = "cpu") ->
         config=config,
         categories=CategoryTable.from_dict(inference["categories"]),
         transforms=TransformConfig.from_dict(inference["transforms"]),
+        reduce_zero_label=reduce_zero_label,
     )
 
 

@@ -76,10 +76,17 @@ def prepare_data(experiment: Experiment) -> bool:
 
 
 def build_datasets(experiment: Experiment) -> Datasets:
-    """The experiment's train and val datasets (val is None when the experiment has none)."""
+    """The experiment's train and val datasets (val is None when the experiment has none).
+
+    Val is built with the train split's category table, so class ids mean the same in both (a
+    semantic split without a categories JSON would otherwise number only the labels it holds; other
+    formats must list the same categories, else a DataError names the val file).
+    """
     data = experiment.data
     train = build_dataset(data.train, data.transforms, train=True)
-    val = build_dataset(data.val, data.transforms, train=False) if data.val is not None else None
+    val = None
+    if data.val is not None:
+        val = build_dataset(data.val, data.transforms, train=False, categories=train.categories)
     return Datasets(train=train, val=val, categories=train.categories)
 
 
@@ -111,11 +118,19 @@ def write_bundle(
     categories: CategoryTable,
     model_state: dict[str, torch.Tensor],
 ) -> Path:
-    """A ``knet.bundle`` folder (weights + model config + inference settings) from trained weights."""
+    """A ``knet.bundle`` folder (weights + model config + inference settings) from trained weights;
+    it records the training data's ``reduce_zero_label`` so predictions are written in its label ids."""
     model, model_config = build_knet(experiment, categories)
     model.load_state_dict(model_state)
     model.eval()
-    save_bundle(directory, model, model_config, categories, experiment.data.transforms)
+    save_bundle(
+        directory,
+        model,
+        model_config,
+        categories,
+        experiment.data.transforms,
+        reduce_zero_label=experiment.data.train.reduce_zero_label,
+    )
     return Path(directory)
 
 

@@ -63,7 +63,8 @@ def predict_paths(
     """Predict every image and write official-format results plus overlays into ``out_dir``:
 
     Image ids follow ``image_id_of``. panoptic: ``panoptic/<stem>.png`` + ``panoptic.json``; instance: ``instances.json`` (COCO results);
-    semantic: ``semantic/<stem>.png`` (dataset ids); always ``overlays/<stem>.png``.
+    semantic: ``semantic/<stem>.png`` (the dataset's label values: category ids, + 1 when the bundle
+    was trained with ``reduce_zero_label``); always ``overlays/<stem>.png``.
     ``task_part`` defaults to the model's task. Returns the written files.
     """
     out = Path(out_dir)
@@ -87,7 +88,12 @@ def predict_paths(
             instances.add(prediction, image_id)
         if part == "semantic":
             written.append(
-                write_semantic_png(prediction, out / "semantic" / f"{path.stem}.png", to_dataset_id)
+                write_semantic_png(
+                    prediction,
+                    out / "semantic" / f"{path.stem}.png",
+                    to_dataset_id,
+                    reduce_zero_label=bundle.reduce_zero_label,
+                )
             )
         overlay_path = out / "overlays" / f"{path.stem}.png"
         overlay_path.parent.mkdir(parents=True, exist_ok=True)
@@ -145,14 +151,11 @@ def evaluate_bundle(bundle: ModelBundle, experiment: Experiment) -> dict[str, fl
 
     if experiment.data.val is None:
         raise ValueError("the experiment has no data.val: add a val DataSource to evaluate on")
-    dataset = build_dataset(experiment.data.val, bundle.transforms, train=False)
+    # The bundle's category table: class ids mean what they meant in training (a DataError names the
+    # val file when it lists other categories).
+    dataset = build_dataset(experiment.data.val, bundle.transforms, train=False, categories=bundle.categories)
     config = bundle.config
     things, stuff = config.num_thing_classes, config.num_stuff_classes
-    if (dataset.categories.num_thing_classes, dataset.categories.num_stuff_classes) != (things, stuff):
-        raise ValueError(
-            f"the val set has {dataset.categories.num_thing_classes} thing / {dataset.categories.num_stuff_classes} "
-            f"stuff classes, the model {things} / {stuff}: evaluate on the dataset the model was trained for"
-        )
     evaluators = {}
     if config.inference.panoptic_on:
         evaluators["panoptic"] = PanopticEvaluator(num_thing_classes=things, num_stuff_classes=stuff)

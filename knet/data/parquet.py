@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -28,6 +29,8 @@ from knet.data.config import DataSource
 from knet.data.errors import DataError
 from knet.data.io import decode_rgb
 from knet.data.readers import Reader, Sample, open_reader
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 FORMAT_TAG = "knet-parquet/1"
@@ -91,7 +94,11 @@ def _image_bytes(reader: Reader, index: int) -> bytes:
 
 
 def pack_dataset(src: DataSource, out: str, shard_size: int = 256) -> Manifest:
-    """Pack every image of ``src`` into Parquet shards of ``shard_size`` rows under ``out``."""
+    """Pack every image of ``src`` into Parquet shards of ``shard_size`` rows under ``out``.
+
+    With ``src.skip_invalid`` an image that fails to decode is left out with a warning (and a count at
+    the end); otherwise its ``DataError`` stops the packing.
+    """
     if shard_size < 1:
         raise ValueError(f"shard_size={shard_size} must be >= 1")
     reader = open_reader(src)
@@ -114,8 +121,16 @@ def pack_dataset(src: DataSource, out: str, shard_size: int = 256) -> Manifest:
         manifest.shards.append(ShardInfo(name, len(rows), hashlib.sha256(data).hexdigest()))
         rows.clear()
 
+    skipped: list[str] = []
     for index in range(len(reader)):
-        image, target, meta = reader.read(index)
+        try:
+            image, target, meta = reader.read(index)
+        except DataError as error:
+            if not src.skip_invalid:
+                raise
+            skipped.append(str(error))
+            log.warning("skip_invalid=True: not packing unreadable item %d: %s", index, error)
+            continue
         rows.append(
             {
                 "image_id": int(meta["image_id"]),
@@ -132,6 +147,15 @@ def pack_dataset(src: DataSource, out: str, shard_size: int = 256) -> Manifest:
             flush()
     if rows:
         flush()
+    if skipped:
+        log.warning(
+            "skip_invalid=True: packed %d image(s), left out %d unreadable one(s), first: %s",
+            manifest.num_images,
+            len(skipped),
+            skipped[0],
+        )
+    if not manifest.shards:
+        raise DataError(f"none of the {len(reader)} images of {src.annotations or src.masks} can be read")
     with fs.open(_join(root, MANIFEST), "w") as handle:
         json.dump(manifest.to_dict(), handle, indent=1)
     return manifest

@@ -1,8 +1,11 @@
 """Readers: one dataset format each -> per-image (uint8 image (3, h, w), target dict, meta dict).
 
 Targets follow docs/interfaces.md §1 (contiguous ids, things first). Cheap checks (JSON shape,
-files exist, category ids known) run at construction so errors come before training starts;
-with ``skip_invalid=True`` images failing them are dropped with one logged warning and a count.
+files exist, every image has its annotation entry and every annotation its image, category ids
+known) run at construction so errors come before training starts; with ``skip_invalid=True`` the
+images (or orphan annotations / label maps) failing them are dropped with one logged warning and a
+count. What only decoding can find (a corrupt file, a PNG disagreeing with its JSON) is found by
+``read``: a ``DataError`` naming the file, which ``KNetDataset`` skips under ``skip_invalid``.
 """
 
 from __future__ import annotations
@@ -69,7 +72,7 @@ class _Skipper:
     def finish(self, kept: int) -> None:
         if self.problems:
             log.warning(
-                "%s: skipped %d invalid image(s) (skip_invalid=True), first: %s",
+                "%s: skipped %d invalid image(s) or annotation(s) (skip_invalid=True), first: %s",
                 self.source,
                 len(self.problems),
                 self.problems[0],
@@ -111,18 +114,29 @@ class Reader:
 
 def _coco_images(
     data: dict[str, Any], image_dir: Path, skipper: _Skipper, path: Path
-) -> dict[int, dict[str, Any]]:
+) -> tuple[dict[int, dict[str, Any]], set[int]]:
+    """(entries of the images whose file exists by id, every image id the JSON lists)."""
     images: dict[int, dict[str, Any]] = {}
+    listed: set[int] = set()
     for entry in data["images"]:
         try:
             image_id, file_name = int(entry["id"]), str(entry["file_name"])
         except (KeyError, TypeError, ValueError):
             raise DataError(f"{path}: an image entry lacks id/file_name: {entry}") from None
+        listed.add(image_id)
         if not (image_dir / file_name).is_file():
             skipper(f"image file not found: {image_dir / file_name} (listed in {path})")
             continue
         images[image_id] = entry
-    return images
+    return images, listed
+
+
+def _image_id(ann: Any) -> int | None:
+    """An annotation's integer image_id, or None when it has none."""
+    try:
+        return int(ann["image_id"])
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 class CocoInstanceReader(Reader):
@@ -134,11 +148,23 @@ class CocoInstanceReader(Reader):
         require_keys(data, ("images", "annotations", "categories"), path=path, what="COCO instances")
         self.categories = CategoryTable.from_coco(data["categories"], default_isthing=True)
         skipper = _Skipper(source.skip_invalid, str(path))
-        images = _coco_images(data, Path(source.images), skipper, path)
+        images, listed = _coco_images(data, Path(source.images), skipper, path)
         anns: dict[int, list[dict[str, Any]]] = defaultdict(list)
         bad_images: set[int] = set()
         for ann in data["annotations"]:
-            image_id = int(ann.get("image_id", -1))
+            image_id = _image_id(ann)
+            if image_id not in listed:
+                skipper(
+                    f"annotation {ann.get('id')} in {path} has image_id {ann.get('image_id')}, which is "
+                    "not in its images list"
+                )
+                continue
+            if image_id not in images:  # its image file is missing: reported above
+                continue
+            if "segmentation" not in ann:
+                skipper(f"annotation {ann.get('id')} in {path} (image {image_id}) has no segmentation")
+                bad_images.add(image_id)
+                continue
             if ann.get("category_id") not in self.categories:
                 skipper(
                     f"category id {ann.get('category_id')} in {path} (annotation {ann.get('id')}) "
@@ -191,14 +217,26 @@ class CocoPanopticReader(Reader):
                 raise DataError(f"{path}: panoptic category {cat.get('id')} lacks 'isthing'")
         self.categories = CategoryTable.from_coco(data["categories"])
         skipper = _Skipper(source.skip_invalid, str(path))
-        images = _coco_images(data, Path(source.images), skipper, path)
+        images, listed = _coco_images(data, Path(source.images), skipper, path)
         mask_dir = Path(source.masks)
         self.records = []
+        annotated: set[int] = set()
         for ann in data["annotations"]:
-            image_id = int(ann.get("image_id", -1))
+            image_id = _image_id(ann)
             if "segments_info" not in ann or "file_name" not in ann:
                 raise DataError(f"{path}: annotation for image {image_id} lacks segments_info/file_name")
-            if image_id not in images:
+            if image_id not in listed:
+                skipper(
+                    f"panoptic annotation {ann['file_name']} in {path} has image_id {ann.get('image_id')}, "
+                    "which is not in its images list"
+                )
+                continue
+            if image_id in annotated:
+                skipper(f"image {image_id} has two annotation entries in {path}")
+                self.records = [r for r in self.records if r.image_id != image_id]
+                continue
+            annotated.add(image_id)
+            if image_id not in images:  # its image file is missing: reported above
                 continue
             png = mask_dir / ann["file_name"]
             if not png.is_file():
@@ -222,6 +260,11 @@ class CocoPanopticReader(Reader):
                     entry.get("width"),
                     (png, ann["segments_info"]),
                 )
+            )
+        for image_id in sorted(set(images) - annotated):
+            skipper(
+                f"image {images[image_id]['file_name']} (id {image_id}) in {path} has no entry in "
+                "annotations; COCO panoptic needs one per image (segments_info [] for an image with none)"
             )
         self.records.sort(key=lambda r: r.image_id)
         self.problems = skipper.problems
@@ -257,11 +300,14 @@ class SemanticReader(Reader):
     """Image folder + label PNG folder, paired by file stem; one mask per class present.
 
     ``reduce_zero_label``: label 0 -> ignore (255), others -1 (ADE20K). Pixels equal to
-    ``ignore_index`` get no mask. Categories come from the optional ``annotations`` JSON
-    (COCO ``categories``, ids = label values after reduction), else from scanning every label map.
+    ``ignore_index`` get no mask. Categories come from ``categories`` when given (the table the model
+    is trained with: pass the train split's to the val split), else from the optional ``annotations``
+    JSON (COCO ``categories``, ids = label values after reduction), else from scanning every label map
+    of this split; a split scanned alone may lack classes another split has, so give a val split the
+    train split's table. Every image needs a label PNG of its stem and every label PNG an image.
     """
 
-    def __init__(self, source: DataSource) -> None:
+    def __init__(self, source: DataSource, categories: CategoryTable | None = None) -> None:
         self.source = source
         image_dir, mask_dir = Path(source.images), Path(source.masks)
         for folder, field in ((image_dir, "images"), (mask_dir, "masks")):
@@ -276,19 +322,36 @@ class SemanticReader(Reader):
                 skipper(f"label map not found: {label} (for image {image_path})")
                 continue
             self.records.append(ImageRecord(index, image_path.name, image_path, annotation=label))
+        image_stems = {image_path.stem for image_path in images}
+        for label in sorted(mask_dir.glob("*.png")):
+            if label.stem not in image_stems:
+                skipper(
+                    f"label map {label} has no image: no {label.stem}.* ({', '.join(IMAGE_SUFFIXES)}) "
+                    f"in {image_dir}"
+                )
+        values: set[int] = set()
+        if categories is None and not source.annotations:  # the table comes from the label values
+            readable = []
+            for record in self.records:
+                try:
+                    values |= set(self._labels(record.annotation).unique().tolist())
+                except DataError as error:
+                    skipper(str(error))
+                    continue
+                readable.append(record)
+            self.records = readable
         self.problems = skipper.problems
         skipper.finish(len(self.records))
-        if source.annotations:
-            path = Path(source.annotations)
-            data = read_json(path, what="semantic categories")
-            require_keys(data, ("categories",), path=path, what="semantic categories")
-            cats = [Category(int(c["id"]), str(c.get("name", c["id"])), False) for c in data["categories"]]
+        if categories is not None:
+            if source.annotations:
+                listed = CategoryTable(_semantic_categories(Path(source.annotations)))
+                _check_same_categories(listed, categories, source.annotations)
+            self.categories = categories
+        elif source.annotations:
+            self.categories = CategoryTable(_semantic_categories(Path(source.annotations)))
         else:
-            values: set[int] = set()
-            for record in self.records:
-                values |= set(self._labels(record.annotation).unique().tolist())
             cats = [Category(v, str(v), False) for v in sorted(values - {source.ignore_index})]
-        self.categories = CategoryTable(cats)
+            self.categories = CategoryTable(cats)
 
     def _labels(self, path: Path) -> torch.Tensor:
         labels = decode_label_png(path, name=str(path))
@@ -318,14 +381,50 @@ class SemanticReader(Reader):
         }
 
 
-def open_reader(source: DataSource) -> Reader:
-    """The reader for ``source.format`` (parquet lives in ``knet.data.parquet``)."""
-    if source.format == "coco_instance":
-        return CocoInstanceReader(source)
-    if source.format == "coco_panoptic":
-        return CocoPanopticReader(source)
-    if source.format == "semantic":
-        return SemanticReader(source)
-    from knet.data.parquet import ParquetReader
+def _semantic_categories(path: Path) -> list[Category]:
+    data = read_json(path, what="semantic categories")
+    require_keys(data, ("categories",), path=path, what="semantic categories")
+    return [Category(int(c["id"]), str(c.get("name", c["id"])), False) for c in data["categories"]]
 
-    return ParquetReader(source)
+
+def _check_same_categories(found: CategoryTable, expected: CategoryTable, file: str) -> None:
+    """``DataError`` naming ``file`` when its categories are not ``expected`` (the model's table)."""
+    if found == expected:
+        return
+    found_ids = {c.id for c in found.categories}
+    expected_ids = {c.id for c in expected.categories}
+    if found_ids != expected_ids:
+        difference = (
+            f"ids only here {sorted(found_ids - expected_ids)[:10]}, "
+            f"only in the model's table {sorted(expected_ids - found_ids)[:10]}"
+        )
+    else:
+        changed = [c.id for c in found.categories if c not in expected.categories]
+        difference = f"same ids, but names or isthing differ for ids {changed[:10]}"
+    raise DataError(
+        f"{file} lists other categories than the table the model uses (the train split's): "
+        f"{difference}; give every split the same categories"
+    )
+
+
+def open_reader(source: DataSource, *, categories: CategoryTable | None = None) -> Reader:
+    """The reader for ``source.format`` (parquet lives in ``knet.data.parquet``).
+
+    ``categories``: the table the model uses (e.g. the train split's when opening val). A semantic
+    split without a categories JSON adopts it; any other split must list exactly these categories.
+    """
+    if source.format == "semantic":
+        return SemanticReader(source, categories)
+    if source.format == "coco_instance":
+        reader: Reader = CocoInstanceReader(source)
+    elif source.format == "coco_panoptic":
+        reader = CocoPanopticReader(source)
+    else:
+        from knet.data.parquet import ParquetReader
+
+        reader = ParquetReader(source)
+    if categories is not None:
+        _check_same_categories(
+            reader.categories, categories, source.annotations or f"{source.shards}/manifest.json"
+        )
+    return reader

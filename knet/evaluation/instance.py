@@ -65,10 +65,13 @@ class InstanceEvaluator:
 
     def process(self, predictions: list[Prediction], targets: list[dict]) -> None:
         """Add images: predictions need ``.instance``; targets have ``labels``, ``masks``, optional
-        ``iscrowd`` and ``image_id`` (without it images are numbered in arrival order)."""
+        ``iscrowd`` and ``image_id`` (without it images are numbered in arrival order). A target with
+        ``"skipped"`` (an unreadable image ``KNetDataset`` left out under ``skip_invalid``) is not scored."""
         if len(predictions) != len(targets):
             raise ValueError(f"{len(predictions)} predictions but {len(targets)} targets")
         for prediction, target in zip(predictions, targets):
+            if target.get("skipped"):
+                continue
             if prediction.instance is None:
                 raise ValueError(
                     "prediction has no instance part; build the model with inference.instance_on=True"

@@ -5,6 +5,9 @@
 - semantic: a GT label PNG folder vs a prediction PNG folder, files paired by stem.
 
 The same evaluator classes as in training do the counting, so numbers agree with in-memory evaluation.
+A bad file (not JSON, not the expected COCO layout, a PNG of another size than its ground truth, a
+predicted segment listed but absent from its PNG, an id or category the ground truth does not have) is
+one ``ValueError`` naming the file(s); nothing is skipped.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ def evaluate_results(
     if task == "panoptic":
         return _evaluate_panoptic(Path(gt), Path(pred), gt_masks, pred_masks)
     if task == "instance":
-        return coco_mask_metrics(json.loads(Path(gt).read_text()), json.loads(Path(pred).read_text()))
+        return _evaluate_instance(Path(gt), Path(pred))
     if task == "semantic":
         if num_classes is None:
             raise ValueError("semantic evaluation needs num_classes (the number of contiguous class ids)")
@@ -52,13 +55,73 @@ def evaluate_results(
     raise ValueError(f"task={task!r}: expected 'panoptic', 'instance' or 'semantic'")
 
 
+def _read_json(path: Path, what: str) -> object:
+    """Parse a result/ground-truth JSON; ``ValueError`` naming the file when missing or not JSON."""
+    if not path.is_file():
+        raise ValueError(f"{what} file not found: {path}")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{what} file {path} is not valid JSON: {error}") from None
+
+
+def _read_coco_json(path: Path, what: str, keys: tuple[str, ...]) -> dict:
+    """A JSON object holding ``keys``; the error names the file and the missing keys."""
+    data = _read_json(path, what)
+    missing = [key for key in keys if key not in data] if isinstance(data, dict) else list(keys)
+    if missing:
+        found = ", ".join(sorted(data)) if isinstance(data, dict) else f"a JSON {type(data).__name__}"
+        raise ValueError(
+            f"{path} is not a {what} JSON: it lacks the key(s) {', '.join(missing)} (found: {found or 'nothing'})"
+        )
+    for list_key in ("images", "annotations", "categories"):
+        if list_key in keys and not isinstance(data[list_key], list):
+            raise ValueError(f"{path}: '{list_key}' must be a list, found {type(data[list_key]).__name__}")
+    for entry_key in ("images", "categories"):
+        if entry_key in keys and not all(isinstance(e, dict) and "id" in e for e in data[entry_key]):
+            raise ValueError(f"{path}: every entry of '{entry_key}' needs an 'id'")
+    return data
+
+
+def _evaluate_instance(gt_json: Path, pred_json: Path) -> dict[str, float | dict]:
+    gt_data = _read_coco_json(gt_json, "COCO instances ground-truth", ("images", "annotations", "categories"))
+    results = _read_json(pred_json, "COCO results")
+    if not isinstance(results, list):
+        raise ValueError(
+            f"{pred_json} is not a COCO results JSON: expected a list of "
+            "{image_id, category_id, segmentation, score} entries, found a JSON object"
+        )
+    image_ids = {image["id"] for image in gt_data["images"]}
+    category_ids = {category["id"] for category in gt_data["categories"]}
+    for index, entry in enumerate(results):
+        if not isinstance(entry, dict):
+            raise ValueError(f"{pred_json}: result {index} is a JSON {type(entry).__name__}, not an object")
+        missing = [k for k in ("image_id", "category_id", "segmentation", "score") if k not in entry]
+        if missing:
+            raise ValueError(f"{pred_json}: result {index} lacks {', '.join(missing)}")
+        if entry["image_id"] not in image_ids:
+            raise ValueError(
+                f"{pred_json}: result {index} has image_id {entry['image_id']}, which is not among the "
+                f"images of {gt_json}"
+            )
+        if entry["category_id"] not in category_ids:
+            raise ValueError(
+                f"{pred_json}: result {index} has category_id {entry['category_id']}, which is not among "
+                f"the categories of {gt_json} (COCOeval would silently ignore it)"
+            )
+    return coco_mask_metrics(gt_data, results)
+
+
 def _evaluate_panoptic(
     gt_json: Path, pred_json: Path, gt_masks: str | Path | None, pred_masks: str | Path | None
 ) -> dict[str, float | dict]:
-    gt_data = json.loads(gt_json.read_text())
-    pred_data = json.loads(pred_json.read_text())
+    gt_data = _read_coco_json(gt_json, "COCO panoptic ground-truth", ("annotations", "categories"))
+    pred_data = _read_coco_json(pred_json, "COCO panoptic results", ("annotations",))
     gt_dir = Path(gt_masks) if gt_masks is not None else gt_json.with_suffix("")
     pred_dir = Path(pred_masks) if pred_masks is not None else pred_json.with_suffix("")
+    for folder, json_file in ((gt_dir, gt_json), (pred_dir, pred_json)):
+        if not folder.is_dir():
+            raise ValueError(f"PNG folder {folder} of {json_file} does not exist")
     categories = sorted(gt_data["categories"], key=lambda c: (not c.get("isthing", 1), c["id"]))
     contiguous = {c["id"]: k for k, c in enumerate(categories)}  # things first, then stuff
     num_things = sum(1 for c in categories if c.get("isthing", 1))
@@ -67,35 +130,92 @@ def _evaluate_panoptic(
         len(categories) - num_things,
         class_names=[c.get("name", str(c["id"])) for c in categories],
     )
+    for json_file, data in ((gt_json, gt_data), (pred_json, pred_data)):
+        for ann in data["annotations"]:
+            _check_annotation(ann, json_file)
     predictions = {ann["image_id"]: ann for ann in pred_data["annotations"]}
     for gt_ann in gt_data["annotations"]:
         pred_ann = predictions.get(gt_ann["image_id"])
         if pred_ann is None:
             raise ValueError(f"no prediction for image_id {gt_ann['image_id']} in {pred_json}")
-        gt_ids, gt_segments = _read_segments(gt_dir / gt_ann["file_name"], gt_ann["segments_info"])
-        pred_ids, pred_segments = _read_segments(pred_dir / pred_ann["file_name"], pred_ann["segments_info"])
-        try:
-            gt_labels = torch.tensor([contiguous[s["category_id"]] for s in gt_segments], dtype=torch.int64)
-            pred_labels = torch.tensor(
-                [contiguous[s["category_id"]] for s in pred_segments], dtype=torch.int64
+        gt_png, pred_png = gt_dir / gt_ann["file_name"], pred_dir / pred_ann["file_name"]
+        gt_rgb_ids, pred_rgb_ids = _read_png_ids(gt_png, gt_json), _read_png_ids(pred_png, pred_json)
+        if gt_rgb_ids.shape != pred_rgb_ids.shape:
+            raise ValueError(
+                f"prediction {pred_png} is {pred_rgb_ids.shape} (h, w) but ground truth {gt_png} is "
+                f"{gt_rgb_ids.shape}: write predictions at each image's original size"
             )
-        except KeyError as error:
-            raise ValueError(f"category_id {error.args[0]} is not among the GT categories") from None
-        iscrowd = torch.tensor([bool(s.get("iscrowd", 0)) for s in gt_segments], dtype=torch.bool)
+        gt_ids = _segment_rows(gt_rgb_ids, gt_png, gt_ann["segments_info"], gt_json, prediction=False)
+        pred_ids = _segment_rows(
+            pred_rgb_ids, pred_png, pred_ann["segments_info"], pred_json, prediction=True
+        )
+        gt_labels = _labels(gt_ann["segments_info"], contiguous, gt_json, gt_json)
+        pred_labels = _labels(pred_ann["segments_info"], contiguous, pred_json, gt_json)
+        iscrowd = torch.tensor([bool(s.get("iscrowd", 0)) for s in gt_ann["segments_info"]], dtype=torch.bool)
         evaluator.process_id_maps(gt_ids, gt_labels, iscrowd, pred_ids, pred_labels)
     return evaluator.evaluate()
 
 
-def _read_segments(png: Path, segments_info: list[dict]) -> tuple[torch.Tensor, list[dict]]:
-    """RGB-id PNG -> ((H, W) int64 map with 0 = VOID and s + 1 = segments_info[s], segments_info)."""
-    ids = rgb_to_ids(np.asarray(Image.open(png).convert("RGB")))
+def _check_annotation(ann: object, json_file: Path) -> None:
+    """A panoptic annotation entry has image_id, file_name and segments_info with id + category_id."""
+    if not isinstance(ann, dict) or not {"image_id", "file_name", "segments_info"} <= set(ann):
+        found = ", ".join(sorted(ann)) if isinstance(ann, dict) else type(ann).__name__
+        raise ValueError(
+            f"{json_file}: an annotation lacks image_id/file_name/segments_info (found: {found}); "
+            "it is not a COCO panoptic JSON"
+        )
+    for segment in ann["segments_info"]:
+        if not isinstance(segment, dict) or not {"id", "category_id"} <= set(segment):
+            raise ValueError(
+                f"{json_file}: a segment of image_id {ann['image_id']} lacks id/category_id: {segment}"
+            )
+
+
+def _labels(
+    segments_info: list[dict], contiguous: dict[int, int], json_file: Path, gt_json: Path
+) -> torch.Tensor:
+    unknown = [s["category_id"] for s in segments_info if s["category_id"] not in contiguous]
+    if unknown:
+        raise ValueError(f"{json_file}: category_id {unknown[0]} is not among the categories of {gt_json}")
+    return torch.tensor([contiguous[s["category_id"]] for s in segments_info], dtype=torch.int64)
+
+
+def _read_png_ids(png: Path, json_file: Path) -> np.ndarray:
+    """RGB-id PNG listed in ``json_file`` -> (H, W) int64 segment ids (id = R + 256 G + 256^2 B)."""
+    if not png.is_file():
+        raise ValueError(f"PNG {png} listed in {json_file} does not exist")
+    try:
+        rgb = np.asarray(Image.open(png).convert("RGB"))
+    except (OSError, SyntaxError, ValueError) as error:
+        raise ValueError(f"cannot decode PNG {png} (listed in {json_file}): {error}") from None
+    return rgb_to_ids(rgb)
+
+
+def _segment_rows(
+    ids: np.ndarray, png: Path, segments_info: list[dict], json_file: Path, *, prediction: bool
+) -> torch.Tensor:
+    """(H, W) PNG segment ids -> (H, W) int64 map with 0 = VOID and s + 1 = segments_info[s].
+
+    Every non-zero id in the PNG must be in ``segments_info``; for a prediction every listed segment must
+    also be in the PNG (pq_compute raises on both). A ground-truth segment missing from its PNG is kept, as
+    pq_compute keeps it: it has no pixel, so it is a false negative unless it is crowd.
+    """
     values, inverse = np.unique(ids, return_inverse=True)
     index = {s["id"]: k + 1 for k, s in enumerate(segments_info)}
     unknown = [int(v) for v in values if v != 0 and v not in index]
     if unknown:
-        raise ValueError(f"{png}: segment ids {unknown[:5]} are in the PNG but not in segments_info")
+        raise ValueError(
+            f"{png}: segment ids {unknown[:5]} are in the PNG but not in its segments_info in {json_file}"
+        )
+    if prediction:
+        absent = sorted(set(index) - {int(v) for v in values})
+        if absent:
+            raise ValueError(
+                f"{png}: segment ids {absent[:5]} are in its segments_info in {json_file} but have no pixel "
+                "in the PNG (pq_compute refuses this too; list only segments the PNG holds)"
+            )
     lookup = np.array([index.get(int(v), 0) for v in values], dtype=np.int64)
-    return torch.from_numpy(lookup[inverse.reshape(ids.shape)]), segments_info
+    return torch.from_numpy(lookup[inverse.reshape(ids.shape)])
 
 
 def _evaluate_semantic(
@@ -109,12 +229,28 @@ def _evaluate_semantic(
         pred_file = pred_dir / gt_file.name
         if not pred_file.exists():
             raise ValueError(f"no prediction {pred_file} for ground truth {gt_file}")
-        gt = np.asarray(Image.open(gt_file), dtype=np.int64)
-        pred = np.asarray(Image.open(pred_file), dtype=np.int64)
+        gt, pred = _read_label_png(gt_file), _read_label_png(pred_file)
         if reduce_zero_label:
             gt = np.where(gt == 0, ignore_index, np.where(gt == ignore_index, ignore_index, gt - 1))
             pred = pred - 1
         if gt.shape != pred.shape:
-            raise ValueError(f"{pred_file} is {pred.shape} but {gt_file} is {gt.shape}")
-        evaluator.process_label_maps(torch.from_numpy(gt), torch.from_numpy(pred))
+            raise ValueError(
+                f"prediction {pred_file} is {pred.shape} (h, w) but ground truth {gt_file} is {gt.shape}"
+            )
+        try:
+            evaluator.process_label_maps(torch.from_numpy(gt), torch.from_numpy(pred))
+        except ValueError as error:
+            raise ValueError(f"{pred_file} vs {gt_file}: {error}") from None
     return evaluator.evaluate()
+
+
+def _read_label_png(path: Path) -> np.ndarray:
+    """Single-channel label PNG -> (H, W) int64; ``ValueError`` naming the file when it is not one."""
+    try:
+        image = Image.open(path)
+        image.load()
+    except (OSError, SyntaxError, ValueError) as error:
+        raise ValueError(f"cannot decode label PNG {path}: {error}") from None
+    if image.mode not in ("L", "P", "I", "I;16"):
+        raise ValueError(f"label PNG {path} must be single-channel (class ids), found mode {image.mode}")
+    return np.asarray(image, dtype=np.int64)

@@ -4,8 +4,10 @@ Per image we build a GT id map and a predicted id map and count every (GT segmen
 overlap with one ``bincount``; matching, VOID and crowd handling then work on that small matrix.
 Rules (panopticapi): a prediction and a non-crowd GT of the same class match when IoU > 0.5, where the
 union leaves out the prediction's VOID pixels; an unmatched prediction is not a false positive when more
-than half of it lies on VOID plus crowd regions of its own class; unmatched non-crowd GT are false
-negatives. Per-class sums (TP, FP, FN, matched IoU) are the whole state, so worker states merge by adding.
+than half of it lies on VOID plus the crowd region of its own class; unmatched non-crowd GT are false
+negatives. "The crowd region of a class" is ONE segment, as in ``pq_compute_single_core``: when an image
+has several crowd segments of a class, the last one (in ``segments_info`` order, here the GT row order)
+counts and overlap with the others does not. Per-class sums (TP, FP, FN, matched IoU) are the whole state, so worker states merge by adding.
 """
 
 from __future__ import annotations
@@ -82,8 +84,14 @@ def image_pq_stats(
     gt_matched = matches.any(1)
     pred_matched = matches.any(0)
 
-    # Unmatched predictions mostly on VOID or on a crowd region of their own class are not FP.
-    crowd_same_class = same_class & gt_iscrowd[:, None]  # (G, P)
+    # Unmatched predictions mostly on VOID or on the crowd region of their own class are not FP. The
+    # official code keeps one crowd segment per class, the last one listed: crowd_labels_dict[c] = g.
+    crowd_rows = torch.nonzero(gt_iscrowd).squeeze(1)  # (C,) GT rows that are crowd, in order
+    last_crowd = torch.full((num_classes,), -1, dtype=torch.int64)
+    last_crowd.scatter_reduce_(0, gt_labels[crowd_rows], crowd_rows, reduce="amax")  # (K,) -1 = none
+    class_crowd = torch.zeros(num_gt, dtype=torch.bool)
+    class_crowd[last_crowd[last_crowd >= 0]] = True  # (G,)
+    crowd_same_class = same_class & class_crowd[:, None]  # (G, P)
     on_crowd = (inter * crowd_same_class).sum(0)  # (P,)
     ignored = (pred_on_void + on_crowd) / pred_area.clamp(min=1.0) > 0.5
     is_fp = ~pred_matched & ~ignored & (pred_area > 0)
@@ -145,10 +153,13 @@ class PanopticEvaluator:
 
     def process(self, predictions: list[Prediction], targets: list[dict]) -> None:
         """Add images: each prediction needs ``.panoptic``; targets have ``labels``, ``masks``,
-        optional ``iscrowd`` (see docs/interfaces.md §1)."""
+        optional ``iscrowd`` (see docs/interfaces.md §1). A target with ``"skipped"`` (an unreadable
+        image ``KNetDataset`` left out under ``skip_invalid``) is not scored."""
         if len(predictions) != len(targets):
             raise ValueError(f"{len(predictions)} predictions but {len(targets)} targets")
         for prediction, target in zip(predictions, targets):
+            if target.get("skipped"):
+                continue
             if prediction.panoptic is None:
                 raise ValueError(
                     "prediction has no panoptic part; build the model with inference.panoptic_on=True"

@@ -44,10 +44,14 @@ class SemanticEvaluator:
         self._confusion = np.zeros((self.num_classes, self.num_classes), dtype=np.int64)
 
     def process(self, predictions: list[Prediction], targets: list[dict]) -> None:
-        """Add images: each prediction needs ``.semantic``; targets have ``labels`` and ``masks``."""
+        """Add images: each prediction needs ``.semantic``; targets have ``labels`` and ``masks``. A
+        target with ``"skipped"`` (an unreadable image ``KNetDataset`` left out under ``skip_invalid``)
+        is not scored."""
         if len(predictions) != len(targets):
             raise ValueError(f"{len(predictions)} predictions but {len(targets)} targets")
         for prediction, target in zip(predictions, targets):
+            if target.get("skipped"):
+                continue
             if prediction.semantic is None:
                 raise ValueError(
                     "prediction has no semantic part; build the model with inference.semantic_on=True"

@@ -85,3 +85,18 @@ def test_predict_rejects_non_uint8_images(tmp_path):
     bundle = load_bundle(save_bundle(tmp_path, model, config, CATEGORIES, TRANSFORMS))
     with pytest.raises(ValueError, match="uint8 RGB"):
         bundle.predict([np.zeros((32, 32, 3), dtype=np.float32)])
+
+
+def test_reduce_zero_label_is_recorded_and_older_bundles_load_without_it(tmp_path):
+    model, config = tiny_model()
+    assert (
+        load_bundle(save_bundle(tmp_path / "plain", model, config, CATEGORIES, TRANSFORMS)).reduce_zero_label
+        is False
+    )
+    ade = save_bundle(tmp_path / "ade", model, config, CATEGORIES, TRANSFORMS, reduce_zero_label=True)
+    assert json.loads((ade / "inference.json").read_text())["reduce_zero_label"] is True
+    assert load_bundle(ade).reduce_zero_label is True
+    inference = json.loads((ade / "inference.json").read_text())
+    del inference["reduce_zero_label"]  # a bundle written before the field existed
+    (ade / "inference.json").write_text(json.dumps(inference))
+    assert load_bundle(ade).reduce_zero_label is False

@@ -9,19 +9,25 @@ import numpy as np
 import torch
 from knet_platform.cli import main
 from knet_platform.experiment import load_experiment
+from knet_platform.knet_adapter import build_datasets
 from knet_platform.predict import evaluate_bundle, load_model, predict_paths
 from PIL import Image
 
 from knet import KNetConfig, build_model
 from knet.bundle import save_bundle
-from knet.data import Category, CategoryTable, TransformConfig
+from knet.data import Category, CategoryTable, TransformConfig, synthesize
 
 REPO = Path(__file__).absolute().parents[2]
 CATEGORIES = CategoryTable([Category(3, "square", True), Category(9, "sky", False)])
 TRANSFORMS = TransformConfig(train_short_sides=[64], max_size=64, test_short_side=64, test_max_size=64)
 
 
-def tiny_bundle(directory: Path, task: str = "panoptic", categories: CategoryTable = CATEGORIES) -> Path:
+def tiny_bundle(
+    directory: Path,
+    task: str = "panoptic",
+    categories: CategoryTable = CATEGORIES,
+    reduce_zero_label: bool = False,
+) -> Path:
     config = KNetConfig.for_task(
         task,
         num_thing_classes=categories.num_thing_classes,
@@ -34,7 +40,8 @@ def tiny_bundle(directory: Path, task: str = "panoptic", categories: CategoryTab
         inference={"instance_score_thr": 0.0},
     )
     torch.manual_seed(0)
-    return save_bundle(directory, build_model(config).eval(), config, categories, TRANSFORMS)
+    model = build_model(config).eval()
+    return save_bundle(directory, model, config, categories, TRANSFORMS, reduce_zero_label=reduce_zero_label)
 
 
 def write_images(folder: Path) -> list[Path]:
@@ -74,6 +81,47 @@ def test_instance_and_semantic_parts_write_their_formats(tmp_path):
     predict_paths(bundle, [tmp_path / "images" / "a.png"], tmp_path / "sem", task_part="semantic")
     labels = np.asarray(Image.open(tmp_path / "sem" / "semantic" / "a.png"))
     assert labels.shape == (40, 72) and set(np.unique(labels)) <= {3, 9}
+
+
+def test_semantic_pngs_of_a_reduce_zero_label_bundle_hold_the_dataset_label_values(tmp_path):
+    # ADE20K-style data: file value v is class v - 1 (0 = unlabelled), so the written PNG must hold
+    # dataset id + 1, what the training labels held, for the same prediction.
+    bundle = load_model(tiny_bundle(tmp_path / "bundle", reduce_zero_label=True))
+    assert bundle.reduce_zero_label
+    images = write_images(tmp_path / "images")
+    predict_paths(bundle, [images[0]], tmp_path / "sem", task_part="semantic")
+    written = np.asarray(Image.open(tmp_path / "sem" / "semantic" / "a.png")).astype(np.int64)
+    (prediction,) = bundle.predict([np.asarray(Image.open(images[0]).convert("RGB"))])
+    contiguous = prediction.semantic.label_map.numpy()
+    expected = (
+        np.array([CATEGORIES.to_dataset_id(int(k)) for k in contiguous.ravel()]).reshape(contiguous.shape) + 1
+    )
+    assert np.array_equal(written, expected) and set(np.unique(written)) <= {4, 10}
+
+
+def test_the_val_set_is_built_with_the_train_category_table(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    synthesize(tmp_path / "syn", num_images=8, seed=0, image_size=(64, 64))
+    val_labels = tmp_path / "val_labels"  # the val labels without class 0 (file value 1)
+    val_labels.mkdir()
+    for png in (tmp_path / "syn" / "semantic" / "val").glob("*.png"):
+        labels = np.asarray(Image.open(png)).copy()
+        labels[labels == 1] = 2
+        Image.fromarray(labels).save(val_labels / png.name)
+    experiment = load_experiment(
+        REPO / "experiments" / "quickstart_semantic.yaml",
+        [
+            "data.synthetic.num_images=8",
+            "data.synthetic.image_size=[64, 64]",
+            "data.synthetic.cache_dir=syn",
+            "data.train.annotations=null",  # no categories JSON: tables come from the label values
+            "data.val.annotations=null",
+            f"data.val.masks={val_labels}",
+        ],
+    )
+    datasets = build_datasets(experiment)
+    assert [c.id for c in datasets.categories.categories] == [0, 1, 2, 3, 4]
+    assert datasets.val.categories == datasets.categories
 
 
 def test_cli_predict_on_a_missing_input_exits_2(tmp_path, capsys):

@@ -34,13 +34,77 @@ def _edit_json(path: str, edit) -> None:
 def test_missing_image_file_is_named_at_construction(copy: SyntheticDataset, fmt: str) -> None:
     src = copy.source(fmt, "train")
     (Path(src.images) / "000002.png").unlink()
-    if fmt == "semantic":  # the semantic reader pairs by stem: a label without an image is not an error
-        (Path(src.masks) / "000003.png").unlink()
-        with pytest.raises(DataError, match=r"label map not found.*000003\.png"):
+    if fmt == "semantic":  # paired by stem: the label 000002.png has lost its image
+        with pytest.raises(DataError, match=r"label map .*semantic/train/000002\.png has no image"):
             open_reader(src)
         return
     with pytest.raises(DataError, match=r"image file not found.*000002\.png"):
         open_reader(src)
+
+
+def test_semantic_image_without_label_map_is_named(copy: SyntheticDataset) -> None:
+    src = copy.source("semantic", "train")
+    (Path(src.masks) / "000003.png").unlink()
+    with pytest.raises(DataError, match=r"label map not found.*000003\.png"):
+        open_reader(src)
+
+
+def test_panoptic_image_without_annotation_entry_is_named(copy: SyntheticDataset) -> None:
+    src = copy.source("coco_panoptic", "train")
+    _edit_json(src.annotations, lambda d: d["annotations"].pop(2))  # image 000003.png, id 3
+    with pytest.raises(
+        DataError, match=r"image 000003\.png \(id 3\) in .*train\.json has no entry in annotations"
+    ):
+        open_reader(src)
+
+
+def test_panoptic_annotation_of_an_unlisted_image_is_named(copy: SyntheticDataset) -> None:
+    src = copy.source("coco_panoptic", "train")
+    _edit_json(src.annotations, lambda d: d["annotations"][0].update(image_id=77))
+    with pytest.raises(
+        DataError, match=r"annotation 000001\.png in .*train\.json has image_id 77, which is not"
+    ):
+        open_reader(src)
+
+
+def test_panoptic_image_with_two_annotation_entries_is_named(copy: SyntheticDataset) -> None:
+    src = copy.source("coco_panoptic", "train")
+    _edit_json(src.annotations, lambda d: d["annotations"].append(d["annotations"][1]))
+    with pytest.raises(DataError, match=r"image 2 has two annotation entries in .*train\.json"):
+        open_reader(src)
+
+
+def test_instance_annotation_of_an_unlisted_image_is_named(copy: SyntheticDataset) -> None:
+    src = copy.source("coco_instance", "train")
+    _edit_json(src.annotations, lambda d: d["annotations"][0].update(image_id=77, id=5001))
+    with pytest.raises(DataError, match=r"annotation 5001 in .*train\.json has image_id 77, which is not"):
+        open_reader(src)
+
+
+def test_instance_images_without_annotations_are_kept_as_negatives(copy: SyntheticDataset) -> None:
+    src = copy.source("coco_instance", "train")
+    _edit_json(
+        src.annotations, lambda d: d.update(annotations=[a for a in d["annotations"] if a["image_id"] != 1])
+    )
+    reader = open_reader(src)
+    assert len(reader) == 8
+    image, target, meta = reader.read(0)
+    assert meta["image_id"] == 1 and target["labels"].numel() == 0
+    assert target["masks"].shape == (0, *image.shape[-2:])
+
+
+def test_skip_invalid_counts_orphans_as_well(copy: SyntheticDataset, caplog) -> None:
+    src = copy.source("coco_panoptic", "train")
+
+    def break_two(data: dict) -> None:
+        data["annotations"].pop(2)  # image 3 without an entry
+        data["annotations"][0]["image_id"] = 77  # an entry without an image; image 1 without an entry
+
+    _edit_json(src.annotations, break_two)
+    with caplog.at_level(logging.WARNING):
+        reader = open_reader(DataSource.from_dict({**src.to_dict(), "skip_invalid": True}))
+    assert [r.image_id for r in reader.records] == [2, 4, 5, 6, 7, 8]
+    assert "skipped 3 invalid image(s) or annotation(s)" in caplog.text
 
 
 def test_skip_invalid_drops_the_image_and_warns_with_a_count(copy: SyntheticDataset, caplog) -> None:
@@ -50,7 +114,7 @@ def test_skip_invalid_drops_the_image_and_warns_with_a_count(copy: SyntheticData
     with caplog.at_level(logging.WARNING):
         reader = open_reader(DataSource.from_dict({**src.to_dict(), "skip_invalid": True}))
     assert len(reader) == 6
-    assert "skipped 2 invalid image(s)" in caplog.text and "000002.png" in caplog.text
+    assert "skipped 2 invalid image(s) or annotation(s)" in caplog.text and "000002.png" in caplog.text
 
 
 def test_corrupt_image_is_named_when_read(copy: SyntheticDataset) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import torch
 
@@ -48,11 +49,28 @@ def test_synthesize_reuses_an_identical_folder_and_rewrites_a_changed_one(tmp_pa
     assert image.stat().st_mtime_ns != stamp
 
 
-def test_sources_point_at_existing_files(synthetic: SyntheticDataset) -> None:
-    from pathlib import Path
+def test_sources_point_at_the_files_of_their_split(synthetic: SyntheticDataset) -> None:
+    for split, count in (("train", 8), ("val", 2)):
+        names = [f"{image_id:06d}.png" for image_id in synthetic.image_ids(split)]
+        assert len(names) == count
+        instance = synthetic.source("coco_instance", split)
+        assert sorted(p.name for p in Path(instance.images).iterdir()) == names
+        coco = json.loads(Path(instance.annotations).read_text())
+        assert [(i["id"], i["file_name"]) for i in coco["images"]] == list(
+            zip(synthetic.image_ids(split), names)
+        )
+        assert {a["image_id"] for a in coco["annotations"]} <= set(synthetic.image_ids(split))
 
-    for fmt in ("coco_instance", "coco_panoptic", "semantic"):
-        src = synthetic.source(fmt, "val")
-        for field in ("images", "annotations", "masks"):
-            value = getattr(src, field)
-            assert value is None or Path(value).exists()
+        panoptic = synthetic.source("coco_panoptic", split)
+        assert panoptic.images == instance.images
+        pan = json.loads(Path(panoptic.annotations).read_text())
+        assert [a["image_id"] for a in pan["annotations"]] == synthetic.image_ids(split)
+        assert sorted(p.name for p in Path(panoptic.masks).iterdir()) == [
+            a["file_name"] for a in pan["annotations"]
+        ]
+
+        semantic = synthetic.source("semantic", split)
+        assert semantic.images == instance.images and semantic.reduce_zero_label
+        assert sorted(p.name for p in Path(semantic.masks).iterdir()) == names
+        categories = json.loads(Path(semantic.annotations).read_text())["categories"]
+        assert [c["name"] for c in categories] == ["circle", "square", "triangle", "sky", "ground"]

@@ -1,8 +1,10 @@
 """Random small panoptic images (GT + prediction) shared by the evaluation tests and the benchmark.
 
 GT: rectangles painted over each other on an id map (so segments never overlap), a VOID patch, some
-thing segments marked crowd; stuff segments and crowd segments of one class are merged into one segment
-(one segment per stuff class and per crowd class, as in COCO panoptic). The prediction starts from the GT
+thing segments marked crowd; stuff segments of one class are merged into one segment (one segment per
+stuff class, as in COCO panoptic). Crowd segments of one class are merged in about half of the cases; in
+the others every crowd segment gets one class and they stay apart, so an image holds several crowd
+segments of a class (panopticapi then uses only the last one listed). The prediction starts from the GT
 and is perturbed (repainted patches, relabelled segments, optional VOID) so matches and misses both occur.
 """
 
@@ -83,11 +85,14 @@ def random_case(
     for segment in range(1, num_segments + 1):
         _paint(generator, gt, segment)
     labels = torch.randint(0, num_classes, (num_segments,), generator=generator)
-    crowd = (torch.rand(num_segments, generator=generator) < 0.2) & (labels < num_things) & with_crowd
+    crowd = (torch.rand(num_segments, generator=generator) < 0.4) & (labels < num_things) & with_crowd
+    merge_crowds = bool(torch.rand(1, generator=generator) < 0.5)
+    if not merge_crowds and bool(crowd.any()):  # several crowd segments of one class, kept apart
+        labels = torch.where(crowd, labels[crowd][0], labels)
     if torch.rand(1, generator=generator) < 0.7:
         _paint(generator, gt, 0)  # a VOID patch
     is_stuff = labels >= num_things
-    merged, gt_labels = _compact(gt, labels, is_stuff | crowd)
+    merged, gt_labels = _compact(gt, labels, is_stuff | (crowd & merge_crowds))
     gt_iscrowd = _crowd_flags(gt, merged, crowd)
 
     pred = merged.clone()

@@ -8,6 +8,7 @@ import torch
 from torchmetrics.detection import PanopticQuality
 
 from knet.evaluation import PanopticEvaluator
+from knet.evaluation.panoptic import image_pq_stats
 from tests.knet.evaluation.random_cases import PanopticCase, random_case
 
 NUM_THINGS, NUM_STUFF = 3, 2
@@ -43,7 +44,12 @@ def brute_force_pq(cases: list[PanopticCase], num_things: int, num_stuff: int) -
                 iou_sum[gt_label[g]] += iou
                 matched_gt.add(g)
                 matched_pred.add(p)
-        crowd_of_class = {gt_label[g]: g for g in crowd if crowd[g]}
+        # crowd_labels_dict[category_id] = gt_label, overwritten in segments_info order: a class's crowd
+        # region is its LAST crowd segment, even when the image has several
+        crowd_of_class = {}
+        for g in range(1, len(case.gt_labels) + 1):
+            if bool(case.gt_iscrowd[g - 1]):
+                crowd_of_class[int(case.gt_labels[g - 1])] = g
         for g in gt_label:
             if g not in matched_gt and not crowd[g]:
                 fn[gt_label[g]] += 1
@@ -105,10 +111,44 @@ def test_random_cases_exercise_crowd_void_and_misses() -> None:
     generator = torch.Generator().manual_seed(0)
     cases = [random_case(generator, NUM_THINGS, NUM_STUFF) for _ in range(60)]
     assert sum(bool(c.gt_iscrowd.any()) for c in cases) >= 5
+    crowd_classes = [c.gt_labels[c.gt_iscrowd].tolist() for c in cases]
+    assert sum(len(labels) > len(set(labels)) for labels in crowd_classes) >= 5  # 2+ crowds of a class
     assert sum(bool((c.gt_ids == 0).any()) for c in cases) >= 20
     assert sum(bool((c.pred_ids == 0).any()) for c in cases) >= 10
     pq = evaluate_cases(cases)["pq"]
     assert 5.0 < pq < 95.0
+
+
+def test_only_the_last_listed_crowd_segment_of_a_class_excuses_a_prediction() -> None:
+    # panopticapi: the class-0 prediction lies 3/8 on the last crowd (B) and 3/8 on the other crowd (A);
+    # only B counts, 3/8 <= 0.5, so it is a false positive (summing both crowds would give 6/8 and no FP).
+    # One row of 12 pixels: crowd A (class 0) pixels 0-3, crowd B (class 0) 4-7, segment C (class 1) 8-11.
+    gt_ids = torch.tensor([[1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3]])
+    pred_ids = torch.tensor([[0, 1, 1, 1, 1, 1, 1, 0, 1, 1, 0, 0]])  # 3 px of A, 3 of B, 2 of C
+    case = PanopticCase(
+        gt_ids, torch.tensor([0, 0, 1]), torch.tensor([True, True, False]), pred_ids, torch.tensor([0])
+    )
+    stats = image_pq_stats(
+        case.gt_ids, case.gt_labels, case.gt_iscrowd, case.pred_ids, case.pred_labels, num_classes=2
+    )
+    assert (stats.tp.tolist(), stats.fp.tolist(), stats.fn.tolist()) == ([0, 0], [1, 0], [0, 1])
+    assert brute_force_pq([case], 2, 0)["per_class"] == {"class_0": 0.0, "class_1": 0.0}
+
+
+def test_the_crowd_listed_last_decides_whatever_the_overlap() -> None:
+    # The prediction covers 5 pixels of crowd A and 1 of crowd B (plus 2 of C). Listed A then B: B is
+    # the crowd region, 1/8 -> FP. Listed B then A: A is, 5/8 > 0.5 -> ignored.
+    gt_ids = torch.tensor([[1, 1, 1, 1, 1, 2, 2, 2, 3, 3, 3, 3]])
+    pred_ids = torch.tensor([[1, 1, 1, 1, 1, 1, 0, 0, 1, 1, 0, 0]])
+    labels, iscrowd = torch.tensor([0, 0, 1]), torch.tensor([True, True, False])
+    a_then_b = image_pq_stats(gt_ids, labels, iscrowd, pred_ids, torch.tensor([0]), num_classes=2)
+    swapped = torch.tensor([[2, 2, 2, 2, 2, 1, 1, 1, 3, 3, 3, 3]])  # same pixels, A listed second
+    b_then_a = image_pq_stats(swapped, labels, iscrowd, pred_ids, torch.tensor([0]), num_classes=2)
+    assert a_then_b.fp.tolist() == [1, 0] and b_then_a.fp.tolist() == [0, 0]
+    for ids, fp in ((gt_ids, 1), (swapped, 0)):
+        case = PanopticCase(ids, labels, iscrowd, pred_ids, torch.tensor([0]))
+        expected_class_0 = brute_force_pq([case], 2, 0)["per_class"].get("class_0")
+        assert expected_class_0 == (0.0 if fp else None)  # class 0 counted only when it has the FP
 
 
 def _torchmetrics_input(ids: torch.Tensor, labels: torch.Tensor, void_category: int) -> torch.Tensor:
