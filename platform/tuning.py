@@ -26,10 +26,14 @@ from knet_platform.registry import RegisteredModel, log_and_register
 from knet_platform.search_space import (
     SearchSpaceError,
     TrialBudget,
-    corner_values,
+    check_value_type,
+    combinations_to_check,
+    field_type,
     num_trials,
     param_space,
     plan_budget,
+    resolve_space,
+    values_to_check,
 )
 from knet_platform.tracking import (
     TrackingTarget,
@@ -134,26 +138,37 @@ def run_search(experiment: Experiment, *, resume: bool = False) -> SearchSummary
     runtime = start_ray(num_cpus=None)
     try:
         scaling = experiment.scaling
+        # from the cluster's resources now: nodes an autoscaler adds later do not raise it
         budget = plan_budget(
             ray.cluster_resources(),
+            nodes=[node["Resources"] for node in ray.nodes() if node.get("Alive")],
             num_workers=scaling.num_workers,
             resources_per_worker=dict(scaling.resources_per_worker),
+            use_gpu=scaling.use_gpu,
             driver_cpus=settings.trial_driver_cpus,
             requested_concurrency=settings.max_concurrent_trials,
             total_trials=num_trials(space, settings.num_samples),
         )
+        concurrency = budget.max_concurrent
         if record is not None:
             search_name, parent_run_id = record["search_name"], record["mlflow_run_id"]
             reopen_run(target.tracking_uri, parent_run_id)
             print(f"resuming search {search_name} (MLflow run {parent_run_id})")
+            # Tuner.restore brings back the TuneConfig of the first start; it cannot be changed
+            concurrency = record.get("max_concurrent_trials")
+            if concurrency != budget.max_concurrent:
+                print(
+                    f"note: Tune keeps this search's max_concurrent_trials={concurrency or 'unknown'} from "
+                    f"its first start; the cluster now fits {budget.max_concurrent} trials at once"
+                )
         else:
             search_name = f"{experiment.name}-search-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
             parent_run_id = create_run(target, search_name, tags={SEARCH_TAG: search_name})
-            _write_record(target, experiment.name, search_name, parent_run_id)
+            _write_record(target, experiment.name, search_name, parent_run_id, budget.max_concurrent)
             log_experiment(target.tracking_uri, parent_run_id, experiment)
         print(
             f"search {search_name}: {num_trials(space, settings.num_samples)} trials, up to "
-            f"{budget.max_concurrent} at once, each holding {_fmt(budget.per_trial)}"
+            f"{concurrency or '?'} at once, each holding {_fmt(budget.per_trial)}"
         )
         trainable = tune.with_resources(
             tune.with_parameters(
@@ -189,29 +204,87 @@ def run_search(experiment: Experiment, *, resume: bool = False) -> SearchSummary
 
 
 def validate_search(experiment: Experiment) -> None:
-    """Everything about the ``tune`` section checkable without Ray: each space entry parses, every
-    listed value (or both ends of a range) gives a valid experiment, and the metric is reported
-    every epoch (ASHA decides on it after each one)."""
-    space = _space_of(experiment)
+    """Everything about the ``tune`` section checkable without Ray: the space suits the search
+    algorithm (which is installed), each entry parses, no continuous range feeds an integer field,
+    every value a trial can receive gives a valid experiment (every listed value and every value of a
+    small integer range; a long range: its ends and a sample; a continuous range: its ends and middle),
+    and so do the entries' values together (all combinations of a small space, else a sample); the
+    scheduler's budget matches ``train.epochs``; the metric is reported every epoch (ASHA decides on
+    it after each one)."""
+    settings = experiment.tune
+    space = _space_of(experiment)  # raises SearchSpaceError for a space search_alg cannot run
+    if settings.search_alg == "optuna":
+        _require_optuna()
     param_space(space)  # raises SearchSpaceError naming the entry
-    for key, (op, args) in space.items():
-        for value in corner_values(op, args):
+    for key, (op, _) in space.items():
+        check_value_type(key, op, field_type(key))
+    _check_scheduler(experiment)
+    raw = experiment.to_dict()
+    raw.pop("tune")
+    base = type(experiment).from_dict(raw)  # without its tune section: each check builds one experiment
+    candidates = {key: values_to_check(op, args) for key, (op, args) in space.items()}
+    for key, values in candidates.items():
+        for value in values:
             try:
-                experiment.with_overrides({key: value})
+                base.with_overrides({key: value})
             except (ValueError, TypeError, KeyError) as error:
                 raise SearchSpaceError(
                     f"tune.space.{key}: value {value!r} is not valid there: {error}"
-                ) from error
+                ) from None
+    if len(candidates) > 1:
+        for values in combinations_to_check(candidates):
+            try:
+                base.with_overrides(values)
+            except (ValueError, TypeError, KeyError) as error:
+                together = ", ".join(f"{key}={value!r}" for key, value in values.items())
+                raise SearchSpaceError(
+                    f"tune.space: values valid one by one are not valid together ({together}): {error}"
+                ) from None
     metric, _ = _metric_and_mode(experiment)
     if metric.startswith("val/") and experiment.train.eval_interval != 1:
         raise SearchSpaceError(
             f"tune.metric={metric!r} is evaluated every {experiment.train.eval_interval} epochs, but the "
             "scheduler needs it every epoch: set train.eval_interval=1 (or search on a train/ metric)."
         )
-    settings = experiment.tune
     if settings.trial_driver_cpus <= 0:
         raise SearchSpaceError("tune.trial_driver_cpus must be > 0 (each trial's driver holds a CPU share)")
     validate_for_training(experiment)
+
+
+def _check_scheduler(experiment: Experiment) -> None:
+    """The scheduler's per-trial budget is ``train.epochs``: ASHA's ``max_t`` (``tune.scheduler.
+    max_epochs``) defaults to it and must not differ, else trials are mislabelled (a max_t above
+    train.epochs marks every trial STOPPED_EARLY and its top rungs are never reached; one below cuts
+    every trial mid-schedule and calls it COMPLETED), and "same budget per trial" comparisons break."""
+    scheduler, epochs = experiment.tune.scheduler, experiment.train.epochs
+    if scheduler.max_epochs is not None and scheduler.max_epochs != epochs:
+        raise SearchSpaceError(
+            f"tune.scheduler.max_epochs={scheduler.max_epochs} differs from train.epochs={epochs}: a trial "
+            f"trains train.epochs epochs, and ASHA's max_t must be that budget. Set max_epochs: null (it "
+            f"then follows train.epochs) or {epochs}; to change the per-trial budget, set train.epochs."
+        )
+    if scheduler.type == "asha":
+        if "train.epochs" in experiment.tune.space:
+            raise SearchSpaceError(
+                "tune.space.train.epochs: ASHA gives every trial the same budget (max_t = train.epochs) "
+                "and decides when to stop it; remove train.epochs from the space, or use scheduler fifo."
+            )
+        if scheduler.grace_period > epochs:
+            raise SearchSpaceError(
+                f"tune.scheduler.grace_period={scheduler.grace_period} is more than train.epochs={epochs}: "
+                "ASHA could never stop a trial early; lower grace_period (or use scheduler fifo)."
+            )
+
+
+def _require_optuna() -> None:
+    try:
+        import optuna  # noqa: F401
+        from ray.tune.search.optuna import OptunaSearch  # noqa: F401
+    except ImportError as error:
+        raise SearchSpaceError(
+            "tune.search_alg=optuna needs the optuna package: pip install 'knet-platform[optuna]' "
+            f"(or use search_alg: random) [{error}]"
+        ) from None
 
 
 def _run_trial(
@@ -256,14 +329,10 @@ def _run_trial(
         tracking_uri=target.tracking_uri,
         callbacks=[TuneReportCallback()],
     )
-    try:
-        trainer.fit()
-    except BaseException as error:
-        # The driver's TrialRunCloser ends the run (FAILED on a trial error). A trial ASHA stops can also
-        # land here, interrupted mid-epoch, after the driver already ended its run FINISHED: leave it.
-        if client.get_run(run_id).info.status == "RUNNING":
-            client.set_tag(run_id, "knet.error", _error_text(error))
-        raise
+    # No clean-up here: the driver's TrialRunCloser ends the run and records an error (knet.error).
+    # A trial ASHA stops is interrupted mid-epoch; a tag written from here could land after the driver
+    # had ended that run FINISHED, whatever this process checked first.
+    trainer.fit()
 
 
 def _tuner(
@@ -280,7 +349,7 @@ def _tuner(
 
     settings = experiment.tune
     metric, mode = _metric_and_mode(experiment)
-    callback = TrialRunCloser(target, parent_run_id, max_epochs=_max_epochs(experiment))
+    callback = TrialRunCloser(target, parent_run_id, experiment)
     if resume:
         path = f"{target.storage_path.rstrip('/')}/{search_name}"
         if not tune.Tuner.can_restore(path):
@@ -288,6 +357,7 @@ def _tuner(
                 f"nothing to resume at {path}: the search never saved its state. Start it without --resume."
             )
         # Trials that failed stay failed (their error is recorded); unfinished ones continue.
+        # Tune restores the first start's TuneConfig (scheduler, max_concurrent_trials) with the state.
         return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False)
     return tune.Tuner(
         trainable,
@@ -325,17 +395,11 @@ def _scheduler(experiment: Experiment) -> Any:
 
 
 def _search_alg(experiment: Experiment, metric: str, mode: str) -> Any:
-    algorithm = experiment.tune.search_alg
-    if algorithm in ("random", "grid"):
-        return None  # Tune's variant generator: random samples, grid_search expanded
-    try:
-        import optuna  # noqa: F401
-        from ray.tune.search.optuna import OptunaSearch
-    except ImportError as error:
-        raise SearchSpaceError(
-            "tune.search_alg=optuna needs the optuna package: pip install 'knet-platform[optuna]' "
-            "(or use search_alg: random)"
-        ) from error
+    if experiment.tune.search_alg in ("random", "grid"):
+        return None  # Tune's variant generator: grid entries expanded (all of them for grid), others sampled
+    _require_optuna()
+    from ray.tune.search.optuna import OptunaSearch
+
     return OptunaSearch(metric=metric, mode=mode)
 
 
@@ -346,19 +410,16 @@ class TrialRunCloser(Callback):
     FINISHED (tagged ``knet.stopped_early``) for completed or stopped trials, FAILED for errors.
     """
 
-    def __init__(self, target: TrackingTarget, parent_run_id: str, max_epochs: int) -> None:
-        self.target, self.parent_run_id, self.max_epochs = target, parent_run_id, max_epochs
+    def __init__(self, target: TrackingTarget, parent_run_id: str, experiment: Experiment) -> None:
+        self.target, self.parent_run_id, self.experiment = target, parent_run_id, experiment
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         epochs = int((trial.last_result or {}).get("epoch", 0))
-        self._end(trial, "FINISHED", {"knet.stopped_early": str(epochs < self.max_epochs).lower()})
-        run_id = _child_run(self.target, self.parent_run_id, trial.trial_id)
-        client = MlflowClient(tracking_uri=self.target.tracking_uri)
-        if run_id is not None and "knet.error" in client.get_run(run_id).data.tags:
-            client.delete_tag(run_id, "knet.error")  # the interruption of a stopped trial is no error
+        stopped = _stopped_early(self.experiment, epochs)
+        self._end(trial, "FINISHED", {"knet.stopped_early": str(stopped).lower()})
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._end(trial, "FAILED", {"knet.status": "ERROR"})
+        self._end(trial, "FAILED", {"knet.status": "ERROR", "knet.error": _trial_error(trial)})
 
     def _end(self, trial: Any, status: str, tags: dict[str, str]) -> None:
         run_id = _child_run(self.target, self.parent_run_id, trial.trial_id)
@@ -380,7 +441,6 @@ def _summarise(
     results_path: str,
 ) -> SearchSummary:
     """The trial table from Tune's results, and the best trial's model registered."""
-    max_epochs = _max_epochs(experiment)
     trials = []
     for result in grid:
         trial_id = str(result.metrics.get("trial_id") or Path(result.path).name)
@@ -389,7 +449,7 @@ def _summarise(
         if result.error is not None:
             status = "ERROR"
         else:
-            status = "STOPPED_EARLY" if epochs < max_epochs else "COMPLETED"
+            status = "STOPPED_EARLY" if _stopped_early(experiment, epochs) else "COMPLETED"
         trials.append(
             TrialRecord(
                 trial_id=trial_id,
@@ -403,11 +463,14 @@ def _summarise(
             )
         )
     trials.sort(key=lambda trial: trial.trial_id)
+    client = MlflowClient(tracking_uri=target.tracking_uri)
+    for trial in trials:  # the exact checkpoint, next to knet.checkpoints (the trial's run folder)
+        if trial.mlflow_run_id is not None and trial.checkpoint is not None:
+            client.set_tag(trial.mlflow_run_id, "knet.best_checkpoint", trial.checkpoint)
     candidates = [t for t in trials if t.checkpoint is not None and not math.isnan(t.metric)]
     pick = max if mode == "max" else min
     best = pick(candidates, key=lambda trial: trial.metric) if candidates else None
 
-    client = MlflowClient(tracking_uri=target.tracking_uri)
     client.log_text(
         parent_run_id, json.dumps([asdict(t) for t in trials], indent=2, default=str), "trials.json"
     )
@@ -482,7 +545,10 @@ def _child_run(target: TrackingTarget, parent_run_id: str, trial_id: str) -> str
 
 
 def _space_of(experiment: Experiment) -> dict[str, tuple[str, list[Any]]]:
-    return {key: (spec.op, list(spec.args)) for key, spec in experiment.tune.space.items()}
+    """The space as Tune runs it under ``tune.search_alg`` (see ``resolve_space``)."""
+    settings = experiment.tune
+    written = {key: (spec.op, list(spec.args)) for key, spec in settings.space.items()}
+    return resolve_space(written, settings.search_alg, settings.num_samples)
 
 
 def _metric_and_mode(experiment: Experiment) -> tuple[str, str]:
@@ -494,6 +560,12 @@ def _max_epochs(experiment: Experiment) -> int:
     return experiment.tune.scheduler.max_epochs or experiment.train.epochs
 
 
+def _stopped_early(experiment: Experiment, epochs: int) -> bool:
+    """Whether a trial that ended without error after ``epochs`` epochs was stopped by the scheduler
+    (only ASHA stops trials; validation made its max_t equal to train.epochs)."""
+    return experiment.tune.scheduler.type == "asha" and epochs < _max_epochs(experiment)
+
+
 def _record_path(target: TrackingTarget, experiment_name: str) -> Path:
     if "://" in target.storage_path:
         raise ValueError(
@@ -503,13 +575,20 @@ def _record_path(target: TrackingTarget, experiment_name: str) -> Path:
     return Path(target.storage_path) / f"{experiment_name}.{SEARCH_RECORD}"
 
 
-def _write_record(target: TrackingTarget, experiment_name: str, search_name: str, run_id: str) -> None:
+def _write_record(
+    target: TrackingTarget, experiment_name: str, search_name: str, run_id: str, max_concurrent: int
+) -> None:
     if "://" in target.storage_path:
         print(f"note: tracking.storage_path {target.storage_path} is remote; this search cannot be --resumed")
         return
     path = _record_path(target, experiment_name)
     path.parent.mkdir(parents=True, exist_ok=True)
-    record = {"search_name": search_name, "mlflow_run_id": run_id, "tracking_uri": target.tracking_uri}
+    record = {
+        "search_name": search_name,
+        "mlflow_run_id": run_id,
+        "tracking_uri": target.tracking_uri,
+        "max_concurrent_trials": max_concurrent,  # what Tune will restore on --resume
+    }
     path.write_text(json.dumps(record, indent=2))
 
 
@@ -529,8 +608,27 @@ def _latest_record(target: TrackingTarget, experiment_name: str) -> dict[str, st
     return record
 
 
+def _trial_error(trial: Any) -> str:
+    """The error Tune recorded for a failed trial: it writes it into the trial's local folder just
+    before calling ``on_trial_error`` (the copy in storage comes later, at the next sync)."""
+    from ray import cloudpickle
+
+    try:
+        if trial.pickled_error_file and Path(trial.pickled_error_file).is_file():
+            with open(trial.pickled_error_file, "rb") as file:
+                return _error_text(cloudpickle.load(file))
+        if trial.error_file and Path(trial.error_file).is_file():
+            return _truncated(Path(trial.error_file).read_text())
+    except Exception as problem:  # unreadable: say so instead of recording nothing
+        return f"(Tune's record of this trial's error could not be read: {problem!r})"
+    return "(Tune recorded no error for this trial)"
+
+
 def _error_text(error: BaseException) -> str:
-    text = f"{type(error).__name__}: {error}"
+    return _truncated(f"{type(error).__name__}: {error}")
+
+
+def _truncated(text: str) -> str:
     return text if len(text) <= 4000 else text[:4000] + " ..."
 
 

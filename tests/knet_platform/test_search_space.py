@@ -1,19 +1,30 @@
-"""The ``tune.space`` operators become the right Ray Tune domains; budgets never let a search hang."""
+"""The ``tune.space`` operators become the right Ray Tune domains; every value a trial can receive is
+validated before anything starts; search_alg grid enumerates everything; budgets never let a search hang.
+No Ray is started here."""
 
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
+from knet_platform.experiment import ExperimentError
 from knet_platform.search_space import (
     SearchSpaceError,
-    corner_values,
+    check_value_type,
+    combinations_to_check,
+    field_type,
     num_trials,
     param_space,
     plan_budget,
+    resolve_space,
     to_domain,
+    values_to_check,
 )
+from knet_platform.tuning import validate_search
 from ray.tune.search.sample import Categorical, Float, Integer
+
+from tests.knet_platform.tiny_run import load_tiny, tune_overrides
 
 
 def _samples(domain, n: int = 200) -> list:
@@ -77,10 +88,135 @@ def test_param_space_is_flat_and_keyed_by_dotted_keys():
     assert set(space) == {"train.lr", "model.num_stages"}
 
 
-def test_corner_values_cover_lists_and_range_ends():
-    assert corner_values("choice", [1, 2, 3]) == [1, 2, 3]
-    assert corner_values("randint", [1, 4]) == [1, 3]
-    assert corner_values("uniform", [0.1, 0.5]) == [0.1, 0.5]
+def test_values_to_check_cover_every_listed_value_and_every_value_of_a_small_integer_range():
+    assert values_to_check("choice", [1, 2, 3]) == [1, 2, 3]
+    assert values_to_check("randint", [1, 4]) == [1, 2, 3]  # high excluded, as Tune's randint
+    assert values_to_check("qrandint", [64, 256, 64]) == [64, 128, 192, 256]  # high included
+    assert values_to_check("uniform", [0.1, 0.5]) == [0.1, pytest.approx(0.3), 0.5]
+    assert values_to_check("loguniform", [1e-4, 1e-2]) == [1e-4, pytest.approx(1e-3), 1e-2]
+
+
+def test_a_long_integer_range_is_checked_at_both_ends_and_a_fixed_sample_inside():
+    values = values_to_check("randint", [0, 1000])
+    assert values[0] == 0 and values[-1] == 999 and len(values) == 10
+    assert values == values_to_check("randint", [0, 1000])  # the same sample every time
+    assert all(0 < v < 999 for v in values[1:-1])
+
+
+def test_combinations_are_all_checked_in_a_small_space_and_sampled_in_a_large_one():
+    small = list(combinations_to_check({"a": [1, 2], "b": [3, 4, 5]}))
+    assert len(small) == 6 and {"a": 2, "b": 5} in small
+    large = list(combinations_to_check({f"k{i}": list(range(4)) for i in range(5)}))  # 1024 combinations
+    assert 0 < len(large) < 100
+
+
+def test_field_types_come_from_the_experiment_and_model_dataclasses():
+    assert field_type("model.num_stages") is int
+    assert field_type("model.update.conv_kernel_size") is int
+    assert field_type("model.update.dropout") is float
+    assert field_type("train.lr") is float
+    assert field_type("train.max_steps_per_epoch") == int | None
+    assert field_type("scaling.resources_per_worker.CPU") is float
+    assert field_type("model.num_proposal") is None  # unknown keys are reported by the key check
+
+
+def test_a_continuous_range_on_an_integer_field_is_refused_naming_key_and_operator():
+    check_value_type("train.lr", "loguniform", float)
+    check_value_type("model.num_stages", "randint", int)
+    for tp in (int, int | None):
+        with pytest.raises(SearchSpaceError, match=r"tune\.space\.model\.num_stages\.uniform: .*randint"):
+            check_value_type("model.num_stages", "uniform", tp)
+
+
+# ---- the whole tune section, validated before Ray starts ---------------------------------------
+
+
+def _tiny_search(tmp_path: Path, *extra: str, epochs: int = 2):
+    return load_tiny(tmp_path, *tune_overrides(lrs=[1e-3, 5e-4]), *extra, epochs=epochs, workers=1)
+
+
+def test_a_fractional_stage_count_is_refused_when_the_yaml_loads_naming_key_and_operator(tmp_path):
+    for bounds in ("[1, 3]", "[1.0, 3.0]"):
+        with pytest.raises(ExperimentError, match=r"tune\.space\.model\.num_stages\.uniform: .*integer"):
+            _tiny_search(tmp_path, f"tune.space={{model.num_stages: {{uniform: {bounds}}}}}")
+
+
+def test_every_value_of_a_small_integer_range_is_validated(tmp_path):
+    # 1 and 3 are valid kernel sizes; the inner value 2 is not (kernel sizes are odd)
+    experiment = _tiny_search(tmp_path, "tune.space={model.update.conv_kernel_size: {randint: [1, 4]}}")
+    with pytest.raises(
+        SearchSpaceError, match=r"tune\.space\.model\.update\.conv_kernel_size: value 2 .*odd"
+    ):
+        validate_search(experiment)
+    validate_search(
+        _tiny_search(tmp_path, "tune.space={model.update.conv_kernel_size: {qrandint: [1, 5, 2]}}")
+    )
+
+
+def test_values_valid_one_by_one_but_not_together_are_refused(tmp_path):
+    # base: 96 channels, 4 heads. Channels 128 (with 4 heads) and 3 heads (with 96 channels) are each
+    # valid, but 128 channels cannot be split into 3 heads
+    experiment = _tiny_search(
+        tmp_path,
+        "model.channels=96",
+        "model.update.num_heads=4",
+        "tune.space={model.channels: {choice: [96, 128]}, model.update.num_heads: {choice: [3, 4]}}",
+    )
+    with pytest.raises(SearchSpaceError, match=r"not valid together .*model\.channels=128.*num_heads=3"):
+        validate_search(experiment)
+
+
+def test_the_schedulers_budget_must_be_train_epochs(tmp_path):
+    validate_search(_tiny_search(tmp_path, "tune.scheduler.max_epochs=2"))
+    for max_epochs in (4, 1):
+        with pytest.raises(SearchSpaceError, match=rf"max_epochs={max_epochs} differs from train\.epochs=2"):
+            validate_search(_tiny_search(tmp_path, f"tune.scheduler.max_epochs={max_epochs}"))
+    with pytest.raises(SearchSpaceError, match=r"tune\.space\.train\.epochs: ASHA"):
+        validate_search(_tiny_search(tmp_path, "tune.space={train.epochs: {choice: [1, 2]}}"))
+    with pytest.raises(SearchSpaceError, match=r"grace_period=3 is more than train\.epochs=2"):
+        validate_search(_tiny_search(tmp_path, "tune.scheduler.grace_period=3"))
+
+
+def test_search_alg_grid_enumerates_every_entry():
+    space = {"a": ("choice", [1, 2]), "b": ("grid", [3, 4, 5])}
+    resolved = resolve_space(space, "grid", num_samples=1)
+    assert resolved == {"a": ("grid", [1, 2]), "b": ("grid", [3, 4, 5])}
+    assert num_trials(resolved, 1) == 6
+    assert resolve_space(space, "random", num_samples=4) == {
+        "a": ("choice", [1, 2]),
+        "b": ("grid", [3, 4, 5]),
+    }
+    assert num_trials(resolve_space(space, "random", num_samples=4), 4) == 12  # the grid, 4 times
+
+
+@pytest.mark.parametrize(
+    ("space", "search_alg", "num_samples", "message"),
+    [
+        (
+            {"train.lr": ("loguniform", [1e-4, 1e-3])},
+            "grid",
+            1,
+            r"train\.lr\.loguniform: .*no list to enumerate",
+        ),
+        ({"model.num_stages": ("randint", [1, 3])}, "grid", 1, r"model\.num_stages\.randint: .*no list"),
+        ({"model.num_stages": ("choice", [1, 2])}, "grid", 3, r"num_samples=3 .*same seed"),
+        ({"model.num_stages": ("grid", [1, 2])}, "optuna", 4, r"model\.num_stages\.grid: .*optuna"),
+    ],
+)
+def test_ambiguous_search_alg_combinations_are_refused(space, search_alg, num_samples, message):
+    with pytest.raises(SearchSpaceError, match=message):
+        resolve_space(space, search_alg, num_samples)
+
+
+def test_search_alg_grid_refusals_come_before_ray(tmp_path):
+    experiment = _tiny_search(
+        tmp_path, "tune.search_alg=grid", "tune.space={train.lr: {uniform: [1.0e-4, 1.0e-3]}}"
+    )
+    with pytest.raises(SearchSpaceError, match=r"search_alg=grid"):
+        validate_search(experiment)
+    validate_search(
+        _tiny_search(tmp_path, "tune.search_alg=grid", "tune.space={train.lr: {choice: [1.0e-4, 1.0e-3]}}")
+    )
 
 
 def test_num_trials_multiplies_grids_by_samples():
@@ -100,7 +236,7 @@ def test_budget_fits_trials_into_the_cluster():
     )
     assert budget.per_trial == {"CPU": 2.5}
     assert budget.max_concurrent == 3  # 3 x 2.5 = 7.5 <= 8 < 4 x 2.5
-    assert budget.driver == {"CPU": 0.5}
+    assert budget.driver == {"CPU": 0.5} and budget.worker == {"CPU": 1.0}
 
 
 def test_budget_never_exceeds_the_request_or_the_number_of_trials():
@@ -140,3 +276,45 @@ def test_a_trial_that_cannot_fit_is_refused_before_anything_starts():
         and "scaling.num_workers=2" in message
         and "no trial could ever start" in message
     )
+
+
+def test_a_worker_bigger_than_every_node_is_refused_even_when_the_cluster_total_fits():
+    with pytest.raises(SearchSpaceError) as error:
+        plan_budget(
+            {"CPU": 8.0},
+            nodes=[{"CPU": 4.0}, {"CPU": 4.0}],
+            num_workers=1,
+            resources_per_worker={"CPU": 6.0},
+            driver_cpus=0.25,
+            requested_concurrency=None,
+            total_trials=2,
+        )
+    message = str(error.value)
+    assert "one Train worker needs 6 CPU" in message and "4 CPU" in message
+    assert "no trial could ever start" in message
+
+
+def test_concurrency_counts_what_fits_node_by_node():
+    # 2 nodes of 3 CPUs: the totals bind (6 CPUs hold one trial of 0.5 + 2 x 1.5 CPUs)
+    common = {"num_workers": 2, "driver_cpus": 0.5, "requested_concurrency": None, "total_trials": 8}
+    budget = plan_budget({"CPU": 6.0}, nodes=[{"CPU": 3.0}] * 2, resources_per_worker={"CPU": 1.5}, **common)
+    assert budget.max_concurrent == 1
+    # 4 nodes of 2.5 CPUs: the total (10 CPUs) allows 2 trials of 3.5 CPUs, but each node holds one
+    # 1.5-CPU worker plus the 0.5-CPU driver at most: 4 workers + 2 drivers fit, so 2 trials
+    budget = plan_budget({"CPU": 10.0}, nodes=[{"CPU": 2.5}] * 4, resources_per_worker={"CPU": 1.5}, **common)
+    assert budget.max_concurrent == 2
+    # 3 nodes of 2 CPUs: the total (6 CPUs) allows 2 trials of 0.5 + 2 x 1.2 CPUs, but a node holds one
+    # 1.2-CPU worker only: 3 workers in all, enough for one trial of two workers
+    budget = plan_budget({"CPU": 6.0}, nodes=[{"CPU": 2.0}] * 3, resources_per_worker={"CPU": 1.2}, **common)
+    assert budget.max_concurrent == 1
+
+
+def test_use_gpu_without_a_gpu_amount_counts_the_gpu_ray_train_adds():
+    common = {"num_workers": 2, "driver_cpus": 0.25, "requested_concurrency": None, "total_trials": 8}
+    budget = plan_budget({"CPU": 16.0, "GPU": 4.0}, resources_per_worker={"CPU": 1.0}, use_gpu=True, **common)
+    assert budget.worker == {"CPU": 1.0, "GPU": 1.0} and budget.per_trial["GPU"] == 2.0
+    assert budget.max_concurrent == 2  # 4 GPUs / 2 per trial
+    with pytest.raises(
+        SearchSpaceError, match=r"1 GPU per worker for scaling\.use_gpu.*no trial could ever start"
+    ):
+        plan_budget({"CPU": 16.0}, resources_per_worker={"CPU": 1.0}, use_gpu=True, **common)

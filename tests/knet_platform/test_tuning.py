@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.knet_platform.tiny_run import load_tiny, start_local_ray, tune_overrides
+from tests.knet_platform.tiny_run import REPO, load_tiny, start_local_ray, tune_overrides
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +65,60 @@ def test_a_range_whose_upper_end_is_invalid_is_refused_before_ray_starts(tmp_pat
         validate_search(experiment)
 
 
+def test_the_tune_quickstart_yaml_loads_and_its_search_validates() -> None:
+    from knet_platform.experiment import load_experiment
+    from knet_platform.search_space import num_trials
+    from knet_platform.tuning import _max_epochs, _space_of, validate_search
+
+    experiment = load_experiment(REPO / "experiments" / "tune_quickstart.yaml")
+    validate_search(experiment)
+    space = _space_of(experiment)
+    assert {"model.num_proposals", "model.num_stages", "train.lr"} <= set(space)
+    assert len([key for key in space if key.startswith("model.update.")]) >= 2
+    assert num_trials(space, experiment.tune.num_samples) >= 4
+    assert experiment.tune.scheduler.type == "asha"
+    assert _max_epochs(experiment) == experiment.train.epochs
+    # the per-trial budget moves with train.epochs (the benchmark's --epochs relies on it)
+    longer = load_experiment(REPO / "experiments" / "tune_quickstart.yaml", ["train.epochs=8"])
+    validate_search(longer)
+    assert _max_epochs(longer) == 8
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (
+            ["tune.search_alg=optuna", "tune.space={train.lr: {choice: [1.0e-3, 5.0e-4]}}"],
+            r"needs the optuna package",
+        ),
+        (["tune.search_alg=optuna", "optuna_installed"], r"train\.lr\.grid: .*optuna .*cannot enumerate"),
+    ],
+    ids=["optuna-missing", "optuna-with-grid"],
+)
+def test_optuna_searches_that_cannot_run_are_refused_before_ray_or_mlflow_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, extra: list[str], message: str
+) -> None:
+    import sys
+    import types
+
+    from knet_platform import tuning
+    from knet_platform.search_space import SearchSpaceError
+
+    monkeypatch.chdir(tmp_path)
+    if "optuna_installed" in extra:  # a stand-in, so the grid refusal is tested with or without optuna
+        extra = [e for e in extra if e != "optuna_installed"]
+        fake = types.ModuleType("optuna")
+        monkeypatch.setitem(sys.modules, "optuna", fake)
+        monkeypatch.setitem(sys.modules, "ray.tune.search.optuna", types.SimpleNamespace(OptunaSearch=object))
+    else:
+        monkeypatch.setitem(sys.modules, "optuna", None)  # import optuna -> ImportError
+    monkeypatch.setattr(tuning, "start_ray", lambda **_: pytest.fail("Ray was started"))
+    experiment = load_tiny(tmp_path, *tune_overrides(lrs=[1e-3, 5e-4]), *extra, epochs=2, workers=1)
+    with pytest.raises(SearchSpaceError, match=message):
+        tuning.run_search(experiment)
+    assert not (tmp_path / "mlflow.db").exists()  # no parent run was created (and none left FAILED)
+
+
 @pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.mlflow
@@ -108,6 +162,10 @@ def test_asha_stops_bad_trials_a_diverging_trial_fails_alone_and_the_best_is_reg
         else:
             assert statuses[trial.mlflow_run_id] == "FINISHED"
             assert child.data.tags["knet.stopped_early"] == str(trial.status == "STOPPED_EARLY").lower()
+            assert "knet.error" not in child.data.tags  # an interrupted stopped trial records no error
+            # the exact checkpoint holding the trial's best metric, beside its run folder
+            assert child.data.tags["knet.best_checkpoint"] == trial.checkpoint
+            assert trial.checkpoint.startswith(child.data.tags["knet.checkpoints"])
             # Train V2 reports without waiting for Tune's decision, so a stopped trial may finish the
             # epoch it was in before it is killed: MLflow holds its epochs 1..k, k at most one more.
             epochs = sorted(m.step for m in client.get_metric_history(trial.mlflow_run_id, "train/loss"))
