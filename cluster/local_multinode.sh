@@ -3,13 +3,14 @@
 #
 #   cluster/local_multinode.sh start [--no-auth]   # head + one worker node, 1 CPU and 1 "trainslot" each
 #   knet run experiments/quickstart.yaml --set 'scaling.resources_per_worker={CPU: 1, trainslot: 1}'
-#   cluster/local_multinode.sh submit experiments/quickstart.yaml   # or through the job server
+#   cluster/local_multinode.sh submit experiments/quickstart.yaml   # or through the job server (KNET_HOME=./.knet)
 #   cluster/local_multinode.sh stop                 # `ray stop`: stops every Ray node of this user here
 #
 # Auth: Ray 2.60 enables token auth; `ray start` writes the token under ~/.ray/ and local clients read it
 # there (RAY_AUTH_MODE=token). Remote clients need the same token file (RAY_AUTH_TOKEN_PATH). --no-auth
-# exports RAY_AUTH_MODE=disabled: use it only because everything here listens on 127.0.0.1, and export
-# the same variable in every shell that talks to this cluster.
+# exports RAY_AUTH_MODE=disabled: only on a machine nobody else can reach, since Ray 2.60 listens on every
+# interface whatever --node-ip-address says (it rewrites 127.0.0.1 to the machine's address); export the
+# same variable in every shell that talks to this cluster.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -29,7 +30,8 @@ activate() {
 auth_mode() {
   if [[ "${1:-}" == "--no-auth" ]]; then
     export RAY_AUTH_MODE=disabled
-    echo "token auth disabled (loopback only); run: export RAY_AUTH_MODE=disabled in your other shells"
+    echo "token auth disabled: Ray listens on every interface, use this only on a closed machine;"
+    echo "run: export RAY_AUTH_MODE=disabled in your other shells"
   else
     export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"
   fi
@@ -51,7 +53,9 @@ submit() {
   activate
   local experiment="${1:?usage: local_multinode.sh submit EXPERIMENT.yaml [--set k=v ...]}"
   shift
+  # the job runs in Ray's copy of the repository: KNET_HOME keeps its results in the checkout's .knet
   ray job submit --address "http://127.0.0.1:$DASHBOARD_PORT" --working-dir "$REPO" \
+    --runtime-env-json "{\"env_vars\": {\"KNET_HOME\": \"${KNET_HOME:-$REPO/.knet}\"}}" \
     -- knet run "$experiment" --set 'scaling.resources_per_worker={CPU: 1, trainslot: 1}' "$@"
 }
 

@@ -1,9 +1,11 @@
 """Training checkpoints: one folder, written atomically, read back with ``torch.load(weights_only=True)``.
 
 A checkpoint folder holds ``state.pt`` (model, optimizer, scheduler and grad-scaler state dicts, epoch,
-global step and the RNG states of Python, NumPy and torch stored as uint8 tensors so the safe loader
-accepts them), ``experiment.json`` (the resolved experiment it was trained with) and ``metadata.json``
-(its epoch, step and ranking metric, readable without torch). Writing goes to a temporary sibling folder
+global step and every worker's RNG states of Python, NumPy and torch as plain ints, floats and tensors,
+so ``torch.load(weights_only=True)`` reads all of it and nothing is unpickled), ``experiment.json``
+(the resolved experiment it was trained with, secrets masked: resuming reads the experiment from the
+YAML, never from here) and ``metadata.json`` (its epoch, step and ranking metric, readable without
+torch). Writing goes to a temporary sibling folder
 whose files are fsynced before it is renamed into place (and the parent folder fsynced after), so a
 crash or power loss mid-write never leaves a half checkpoint under the checkpoint's name.
 """
@@ -14,7 +16,6 @@ import dataclasses
 import json
 import math
 import os
-import pickle
 import random
 import shutil
 import tempfile
@@ -25,10 +26,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from knet_platform.redaction import redact
 
 STATE_FILE = "state.pt"
 EXPERIMENT_FILE = "experiment.json"
 METADATA_FILE = "metadata.json"
+
+
+RngState = dict[str, Any]  # what capture_rng_state returns: ints, floats, None and tensors only
 
 
 class CorruptCheckpointError(ValueError):
@@ -41,6 +46,7 @@ class TrainingState:
 
     epoch: the number of epochs completed (training resumes at this epoch index).
     global_step: optimizer steps taken so far (drives the warmup schedule).
+    rng: one :func:`capture_rng_state` per worker, indexed by world rank.
     """
 
     model: dict[str, torch.Tensor]
@@ -49,7 +55,7 @@ class TrainingState:
     scaler: dict[str, Any] | None
     epoch: int
     global_step: int
-    rng: dict[str, torch.Tensor]
+    rng: list[RngState]
     experiment: dict[str, Any]
 
 
@@ -82,29 +88,65 @@ class CheckpointMetadata:
     score: CheckpointScore | None
 
 
-def capture_rng_state() -> dict[str, torch.Tensor]:
-    """The RNG states of Python, NumPy and torch (CPU, and CUDA when present) as tensors.
+def capture_rng_state() -> RngState:
+    """This process's RNG states of Python, NumPy (legacy global generator) and torch (CPU, and CUDA
+    when present), as values ``torch.load(weights_only=True)`` accepts: ints, floats, None, tensors.
 
-    Python's and NumPy's states are pickled into uint8 tensors: ``weights_only=True`` loading refuses
-    arbitrary objects but accepts tensors.
+    Python: ``random.getstate()`` is (version, 625 32-bit words, gauss_next). NumPy:
+    ``np.random.get_state()`` is ('MT19937', 624 uint32 keys, pos, has_gauss, cached_gaussian).
     """
-    states = {
-        "python": _bytes_to_tensor(pickle.dumps(random.getstate())),
-        "numpy": _bytes_to_tensor(pickle.dumps(np.random.get_state())),
-        "torch": torch.get_rng_state(),
+    version, words, gauss_next = random.getstate()
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    if kind != "MT19937":
+        raise ValueError(f"NumPy's global generator is {kind!r}; only MT19937 states are checkpointed")
+    states: RngState = {
+        "python": {
+            "version": int(version),
+            "words": torch.tensor(words, dtype=torch.int64),  # (625,)
+            "gauss_next": None if gauss_next is None else float(gauss_next),
+        },
+        "numpy": {
+            "keys": torch.from_numpy(keys.astype(np.int64)),  # (624,)
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
+        "torch": torch.get_rng_state(),  # (5056,) uint8
     }
     if torch.cuda.is_available():
         states["cuda"] = torch.stack(torch.cuda.get_rng_state_all())  # (num_devices, state_bytes)
     return states
 
 
-def restore_rng_state(states: dict[str, torch.Tensor]) -> None:
-    """Inverse of :func:`capture_rng_state`."""
-    random.setstate(pickle.loads(_tensor_to_bytes(states["python"])))
-    np.random.set_state(pickle.loads(_tensor_to_bytes(states["numpy"])))
-    torch.set_rng_state(states["torch"])
+def restore_rng_state(states: RngState) -> None:
+    """Inverse of :func:`capture_rng_state`: the next random numbers equal those after the capture."""
+    python, numpy_state = states["python"], states["numpy"]
+    words = tuple(int(word) for word in python["words"].tolist())
+    random.setstate((int(python["version"]), words, python["gauss_next"]))
+    np.random.set_state(
+        (
+            "MT19937",
+            numpy_state["keys"].numpy().astype(np.uint32),
+            int(numpy_state["pos"]),
+            int(numpy_state["has_gauss"]),
+            float(numpy_state["cached_gaussian"]),
+        )
+    )
+    torch.set_rng_state(states["torch"].cpu())
     if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(list(states["cuda"]))
+        torch.cuda.set_rng_state_all([state.cpu() for state in states["cuda"]])
+
+
+def rng_state_for_rank(states: list[RngState] | Any, rank: int, world_size: int) -> RngState | None:
+    """This worker's RNG state from a checkpoint's per-rank list, or None when the checkpoint cannot
+    give one: it was written by a different number of workers, or in an older (pickled) format that is
+    never loaded. The caller then seeds afresh and says so."""
+    if not isinstance(states, list) or len(states) != world_size:
+        return None
+    state = states[rank]
+    if not (isinstance(state, dict) and isinstance(state.get("python"), dict)):
+        return None
+    return state
 
 
 def save_checkpoint(
@@ -134,7 +176,8 @@ def save_checkpoint(
             torch.save(payload, file)
             file.flush()
             os.fsync(file.fileno())
-        _write_synced(staging / EXPERIMENT_FILE, json.dumps(state.experiment, indent=2, sort_keys=True))
+        experiment = json.dumps(redact(state.experiment), indent=2, sort_keys=True)  # secrets masked
+        _write_synced(staging / EXPERIMENT_FILE, experiment)
         metadata = CheckpointMetadata(epoch=state.epoch, global_step=state.global_step, score=score)
         _write_synced(staging / METADATA_FILE, json.dumps(_metadata_to_dict(metadata), indent=2))
         _fsync_directory(staging)
@@ -155,8 +198,9 @@ def save_checkpoint(
 def load_checkpoint(directory: str | Path, map_location: str | torch.device = "cpu") -> TrainingState:
     """Read a folder written by :func:`save_checkpoint`; weights only, no code runs on load.
 
-    Raises FileNotFoundError when ``state.pt`` is missing and :class:`CorruptCheckpointError` when it is
-    truncated (e.g. a copy into storage cut short by a crash), rather than loading part of a state.
+    Raises FileNotFoundError when ``state.pt`` or ``experiment.json`` is missing and
+    :class:`CorruptCheckpointError` when ``state.pt`` is truncated (e.g. a copy into storage cut short by
+    a crash), rather than loading part of a state.
     """
     directory = Path(directory)
     state_path = directory / STATE_FILE
@@ -170,9 +214,14 @@ def load_checkpoint(directory: str | Path, map_location: str | torch.device = "c
             f"{state_path} is truncated or damaged (not a complete torch zip archive): it was not "
             "written by a completed save. Resume from another checkpoint folder."
         )
-    payload = torch.load(state_path, map_location=map_location, weights_only=True)
     experiment_path = directory / EXPERIMENT_FILE
-    experiment = json.loads(experiment_path.read_text()) if experiment_path.is_file() else {}
+    if not experiment_path.is_file():
+        raise FileNotFoundError(
+            f"{directory} is not a complete knet training checkpoint: {EXPERIMENT_FILE} is missing beside "
+            f"{STATE_FILE}. Pass a folder written by `knet run` (state.pt, experiment.json, metadata.json)."
+        )
+    payload = torch.load(state_path, map_location=map_location, weights_only=True)
+    experiment = json.loads(experiment_path.read_text())
     return TrainingState(
         model=payload["model"],
         optimizer=payload["optimizer"],
@@ -225,11 +274,3 @@ def _fsync_directory(directory: Path) -> None:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
-
-
-def _bytes_to_tensor(data: bytes) -> torch.Tensor:
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8).clone()
-
-
-def _tensor_to_bytes(tensor: torch.Tensor) -> bytes:
-    return bytes(tensor.cpu().numpy().tobytes())

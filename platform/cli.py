@@ -1,14 +1,20 @@
 """The ``knet`` command. Heavy libraries (torch, Ray, MLflow) are imported inside the commands so that
-``knet --help`` stays fast. Bad input prints one ``error: ...`` line and exits 2 (``--debug``: traceback).
+``knet --help`` stays fast. Bad input, an unreachable tracking store, a cluster too small for the run
+(every ``KnetUserError``) prints one ``error: ...`` line and exits 2 (``--debug``: traceback). Secrets in
+what is printed are masked.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+
+from knet_platform.errors import KnetUserError
+from knet_platform.redaction import redact, redact_text
 
 USER_ERROR_EXIT = 2
 
@@ -21,11 +27,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, NotADirectoryError, KeyError) as error:
+    except (KnetUserError, ValueError, FileNotFoundError, NotADirectoryError, KeyError) as error:
         if args.debug:
             raise
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {redact_text(message)}", file=sys.stderr)
         return USER_ERROR_EXIT
 
 
@@ -59,13 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     predict.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="image files or folders")
     predict.add_argument("--out", required=True, type=Path, metavar="DIR")
-    predict.add_argument("--tracking-uri", help="MLflow store holding the model (default: ./.knet/mlflow.db)")
+    predict.add_argument("--tracking-uri", help=_TRACKING_URI_HELP)
     predict.add_argument("--task-part", choices=("panoptic", "instance", "semantic"))
     predict.set_defaults(command=_predict)
 
     evaluate = commands.add_parser("eval", help="evaluate a model on an experiment's val set")
     evaluate.add_argument("--model", required=True, metavar="URI")
-    evaluate.add_argument("--tracking-uri")
+    evaluate.add_argument("--tracking-uri", help=_TRACKING_URI_HELP)
     _experiment_args(evaluate)
     evaluate.set_defaults(command=_eval)
 
@@ -95,6 +101,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_TRACKING_URI_HELP = (
+    "MLflow store holding the model (default: $MLFLOW_TRACKING_URI, else $KNET_HOME/mlflow.db; "
+    "KNET_HOME defaults to ./.knet)"
+)
+
+
+def _tracking_uri(args: argparse.Namespace) -> str:
+    """``--tracking-uri``, else ``$MLFLOW_TRACKING_URI``, else the store ``knet run`` writes by default."""
+    from knet_platform.home import default_tracking_uri
+
+    return args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+
+
 def _experiment_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("experiment", type=Path, metavar="X.yaml")
     parser.add_argument(
@@ -110,7 +129,12 @@ def _load(args: argparse.Namespace):
 
 
 def _run(args: argparse.Namespace) -> int:
+    from knet_platform.home import ray_job_home_warning
+
     experiment = _load(args)  # validated before Ray starts
+    warning = ray_job_home_warning()
+    if warning is not None:
+        print(warning, file=sys.stderr, flush=True)
     if experiment.tune is not None:
         return _search(args, experiment)
     from knet_platform.runner import run_experiment
@@ -143,15 +167,18 @@ def _show_config(args: argparse.Namespace) -> int:
     resolved["model"] = experiment.model_config(None).to_dict()
     resolved["model"].pop("num_thing_classes")
     resolved["model"].pop("num_stuff_classes")  # class counts come from the dataset at run time
+    shown = redact(resolved)
     print("# resolved; model class counts are filled from the dataset's categories at run time")
-    print(yaml.safe_dump(resolved, sort_keys=False), end="")
+    if shown != resolved:
+        print("# secrets are masked (***): keep the originals in your YAML or environment")
+    print(yaml.safe_dump(shown, sort_keys=False), end="")
     return 0
 
 
 def _predict(args: argparse.Namespace) -> int:
     from knet_platform.predict import load_model, predict_paths
 
-    bundle = load_model(args.model, tracking_uri=args.tracking_uri)
+    bundle = load_model(args.model, tracking_uri=_tracking_uri(args))
     written = predict_paths(bundle, args.inputs, args.out, task_part=args.task_part)
     print(f"wrote {len(written)} files to {args.out}")
     return 0
@@ -161,7 +188,7 @@ def _eval(args: argparse.Namespace) -> int:
     experiment = _load(args)
     from knet_platform.predict import evaluate_bundle, load_model
 
-    metrics = evaluate_bundle(load_model(args.model, tracking_uri=args.tracking_uri), experiment)
+    metrics = evaluate_bundle(load_model(args.model, tracking_uri=_tracking_uri(args)), experiment)
     print(json.dumps(metrics, indent=2))
     return 0
 

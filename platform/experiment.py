@@ -18,9 +18,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from knet_platform.errors import KnetUserError
+from knet_platform.home import local_path
 from knet_platform.overrides import apply_overrides, parse_override
+from knet_platform.redaction import MASK, is_secret_key, redact_text
 
 from knet import KNetConfig
+from knet.config import ConfigFieldError
 from knet.data import DataSource, TransformConfig
 
 if typing.TYPE_CHECKING:
@@ -32,7 +36,7 @@ SYNTHETIC_PLACEHOLDER = "{synthetic}"  # in data paths: replaced by data.synthet
 _PATH_FIELDS = ("images", "annotations", "masks", "shards")
 
 
-class ExperimentError(ValueError):
+class ExperimentError(KnetUserError, ValueError):
     """A bad experiment file or override; the message names the key and the fix."""
 
 
@@ -126,9 +130,18 @@ class TrainConfig:
 
 @dataclass
 class ScalingConfig:
+    """Ray Train's ``ScalingConfig``, checked here for the combinations Ray would refuse only after
+    the cluster and the MLflow run exist.
+
+    wait_for_resources: when the connected cluster cannot place every worker now, wait for its
+    autoscaler to add nodes instead of refusing the run (a local Ray started by ``knet`` never grows,
+    so there the run is refused either way).
+    """
+
     num_workers: int = 2
     use_gpu: bool = False
     resources_per_worker: dict[str, float] = field(default_factory=lambda: {"CPU": 1.0})
+    wait_for_resources: bool = False
 
     def __post_init__(self) -> None:
         _require(self.num_workers >= 1, "scaling.num_workers", "must be >= 1")
@@ -137,11 +150,31 @@ class ScalingConfig:
             "scaling.resources_per_worker",
             "amounts must be >= 0",
         )
+        gpus = self.resources_per_worker.get("GPU")
+        _require(
+            self.use_gpu or not gpus,
+            "scaling.resources_per_worker",
+            f"asks for GPU: {gpus} per worker but scaling.use_gpu is false; set scaling.use_gpu=true "
+            "to train on GPUs, or remove GPU from resources_per_worker",
+        )
+        _require(
+            not self.use_gpu or gpus is None or gpus > 0,
+            "scaling.resources_per_worker",
+            "GPU: 0 but scaling.use_gpu is true; give each worker a GPU (GPU: 1, the default with "
+            "use_gpu) or set scaling.use_gpu=false",
+        )
+        _require(
+            self.use_gpu or any(v > 0 for v in self.resources_per_worker.values()),
+            "scaling.resources_per_worker",
+            f"{self.resources_per_worker} reserves nothing per worker, which Ray refuses; give each "
+            "worker something, e.g. {CPU: 1}",
+        )
 
 
 @dataclass
 class TrackingConfig:
-    """MLflow and Ray storage. ``None`` paths default under ``<cwd>/.knet`` (resolved by the runner)."""
+    """MLflow and Ray storage. ``None`` paths default under ``$KNET_HOME`` (default ``<cwd>/.knet``;
+    resolved by ``knet_platform.tracking.resolve_tracking``)."""
 
     uri: str | None = None
     artifact_location: str | None = None
@@ -223,7 +256,8 @@ class Experiment:
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, base_dir: str | Path | None = None) -> Experiment:
         """Strict build; relative data paths resolve against ``base_dir`` (default: cwd), the
-        synthetic cache and tracking paths against the cwd."""
+        synthetic cache and tracking paths against the cwd, except that ``.knet/...`` means
+        ``$KNET_HOME/...`` (see ``knet_platform.home``)."""
         experiment = _build(cls, data, "")
         experiment._resolve(Path(base_dir) if base_dir is not None else Path.cwd())
         experiment._check()
@@ -279,6 +313,8 @@ class Experiment:
         backbone = section.pop("backbone", {})
         try:
             return KNetConfig.for_task(self.task, backbone=backbone or "resnet50", **counts, **section)
+        except ConfigFieldError as error:
+            raise ExperimentError(f"model.{error.key}: {error.problem}") from None
         except (ValueError, TypeError) as error:
             raise ExperimentError(f"model: {error}") from None
 
@@ -299,7 +335,7 @@ class Experiment:
     def _resolve(self, base_dir: Path) -> None:
         synthetic = self.data.synthetic
         if synthetic is not None:
-            synthetic.cache_dir = str(_absolute(synthetic.cache_dir, Path.cwd()))
+            synthetic.cache_dir = str(local_path(synthetic.cache_dir))  # .knet/... is under $KNET_HOME
         for split in ("train", "val"):
             source = getattr(self.data, split)
             for name in _PATH_FIELDS if source is not None else ():
@@ -317,7 +353,7 @@ class Experiment:
         for name in ("storage_path", "artifact_location"):
             value = getattr(self.tracking, name)
             if value and "://" not in value:
-                setattr(self.tracking, name, str(_absolute(value, Path.cwd())))
+                setattr(self.tracking, name, str(local_path(value)))
 
     def _check(self) -> None:
         _require(
@@ -377,8 +413,14 @@ class Experiment:
         assert self.tune is not None
         model_keys = _model_keys(self.task)
         base = self.to_dict()
+        from knet_platform.search_space import SearchSpaceError, check_value_type, field_type
+
         for key, spec in self.tune.space.items():
             _check_spec(key, spec)
+            try:  # before any value is tried: a fractional stage count names the operator, not the model
+                check_value_type(key, spec.op, field_type(key))
+            except SearchSpaceError as error:
+                raise ExperimentError(str(error)) from None
             values = spec.args if spec.op in ("choice", "grid") else spec.args[:1]
             for value in values:
                 try:
@@ -431,8 +473,8 @@ def load_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = (
 
 
 def flatten_params(experiment: Experiment) -> dict[str, str]:
-    """Dotted key -> string for MLflow params; secrets are masked (keys like password/token/secret,
-    and ``user:pass@`` inside URIs)."""
+    """Dotted key -> string for MLflow params, secrets masked by ``knet_platform.redaction`` (values of
+    keys like password/token/secret, ``user:pass@`` and ``?token=...`` inside URIs)."""
     flat: dict[str, str] = {}
 
     def walk(prefix: str, value: Any) -> None:
@@ -440,18 +482,14 @@ def flatten_params(experiment: Experiment) -> dict[str, str]:
             for key, item in value.items():
                 walk(f"{prefix}.{key}" if prefix else str(key), item)
             return
-        leaf = prefix.rsplit(".", 1)[-1].lower()
-        if _SECRET_KEY.search(leaf):
-            flat[prefix] = "***"
+        leaf = prefix.rsplit(".", 1)[-1]
+        if is_secret_key(leaf) and value not in (None, ""):
+            flat[prefix] = MASK
         else:
-            flat[prefix] = _URI_CREDENTIALS.sub(r"\1***@", str(value))
+            flat[prefix] = redact_text(str(value))
 
     walk("", experiment.to_dict())
     return flat
-
-
-_SECRET_KEY = re.compile(r"password|passwd|token|secret|api_?key|access_?key|credential")
-_URI_CREDENTIALS = re.compile(r"(://)[^/@\s]+@")
 
 
 # ---- strict building from dicts ------------------------------------------------------------

@@ -2,20 +2,33 @@
 
 Connect when ``RAY_ADDRESS`` is set (``ray job submit`` sets it for the job's entrypoint, and users set
 it to reach a running cluster); otherwise start a local Ray inside this process with a capped object
-store (Ray reserves ~30% of RAM by default, far more than K-Net's small reports need) and no
-dashboard. Worker-group start-up is bounded so a run that cannot be scheduled fails instead of waiting
-forever.
+store (Ray reserves ~30% of RAM by default, far more than K-Net's small reports need) and a
+dashboard on 127.0.0.1.
+
+Binding: Ray 2.60 rewrites a node IP of 127.0.0.1 (``ray start --node-ip-address 127.0.0.1``,
+``ray.init(_node_ip_address="127.0.0.1")``) to the machine's network address and its GCS and raylet
+listen on every interface (checked with ``ss -ltn``), so the local Ray is not loopback-only whatever we
+pass; what protects it is Ray's token authentication, on by default (keep ``RAY_AUTH_MODE`` unset).
+
+Before training, :func:`check_capacity` compares the request with what the cluster's nodes can place:
+Ray Train 2.60 would otherwise retry an unplaceable worker group forever.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import ray
+from knet_platform.errors import KnetUserError
+
+if TYPE_CHECKING:
+    from knet_platform.experiment import ScalingConfig
 
 WORKER_GROUP_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 DEFAULT_WORKER_GROUP_START_TIMEOUT_S = "180"  # Ray's own default (60 s) is tight on a busy 2-core machine
@@ -25,13 +38,25 @@ DEFAULT_OBJECT_STORE_BYTES = 200_000_000
 API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
 
 
+class CapacityError(KnetUserError, RuntimeError):
+    """The workers a run asks for cannot all be placed on the cluster, and it cannot grow."""
+
+
 @dataclass(frozen=True)
 class RayRuntime:
-    """How this process reached Ray. started_here: this process called ``ray.init`` (and shuts it down)."""
+    """How this process reached Ray.
+
+    started_here: this process called ``ray.init`` (and shuts it down). local: the Ray is one that
+    :func:`start_ray` started inside this process (not a cluster at ``RAY_ADDRESS``): it never grows.
+    """
 
     address: str | None
     started_here: bool
     num_cpus: float
+    local: bool = True
+
+
+_local_ray_started = False  # start_ray started the current in-process Ray (not a cluster connection)
 
 
 def start_ray(
@@ -47,12 +72,16 @@ def start_ray(
     that Ray Train's placement-group cleaner polls (without it the cleaner logs a warning every few
     seconds and Tune trials' placement groups are never freed).
     """
+    global _local_ray_started
     os.environ.setdefault(WORKER_GROUP_START_TIMEOUT_ENV, DEFAULT_WORKER_GROUP_START_TIMEOUT_S)
     if ray.is_initialized():
-        return RayRuntime(address=None, started_here=False, num_cpus=_cluster_cpus())
+        return RayRuntime(
+            address=None, started_here=False, num_cpus=_cluster_cpus(), local=_local_ray_started
+        )
     address = os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
+        _local_ray_started = False
     else:
         dashboard_port = _dashboard_port()
         if include_dashboard:  # before ray.init, so the raylet and every worker it starts inherit it
@@ -66,13 +95,16 @@ def start_ray(
             dashboard_port=dashboard_port,
             log_to_driver=True,
         )
-    return RayRuntime(address=address, started_here=True, num_cpus=_cluster_cpus())
+        _local_ray_started = True
+    return RayRuntime(address=address, started_here=True, num_cpus=_cluster_cpus(), local=not address)
 
 
 def stop_ray(runtime: RayRuntime) -> None:
     """Shut Ray down (or disconnect from the cluster) if :func:`start_ray` started it."""
+    global _local_ray_started
     if runtime.started_here and ray.is_initialized():
         ray.shutdown()
+        _local_ray_started = False
     if runtime.started_here and runtime.address is None:
         os.environ.pop(API_SERVER_ENV, None)
 
@@ -94,18 +126,71 @@ def ray_session(
         stop_ray(runtime)
 
 
-def check_capacity(num_workers: int, resources_per_worker: dict[str, float]) -> None:
-    """Refuse a run whose workers cannot all fit on the cluster (Ray would wait for them until the
-    start-up timeout)."""
-    available = ray.cluster_resources()
-    for resource, amount in resources_per_worker.items():
-        needed = amount * num_workers
-        if available.get(resource, 0.0) < needed:
-            raise RuntimeError(
-                f"scaling asks for {num_workers} workers x {amount} {resource} = {needed} {resource}, "
-                f"but the Ray cluster has {available.get(resource, 0.0)}. Lower scaling.num_workers or "
-                f"scaling.resources_per_worker, or connect to a bigger cluster (RAY_ADDRESS)."
-            )
+def worker_resources(scaling: ScalingConfig) -> dict[str, float]:
+    """What one Train worker reserves, as Ray Train computes it: zero amounts dropped, ``GPU: 1``
+    added when ``use_gpu`` names no GPU amount."""
+    bundle = {name: float(amount) for name, amount in scaling.resources_per_worker.items() if amount > 0}
+    if scaling.use_gpu:
+        bundle.setdefault("GPU", 1.0)
+    return bundle
+
+
+def placeable_workers(nodes: list[dict[str, float]], bundle: dict[str, float]) -> int:
+    """How many workers of ``bundle`` fit on nodes with these total resources (a worker lives on one
+    node; Ray Train spreads workers over nodes as needed)."""
+    total = 0
+    for node in nodes:
+        fits = [math.floor(node.get(name, 0.0) / amount + 1e-6) for name, amount in bundle.items()]
+        total += max(min(fits, default=0), 0)
+    return total
+
+
+def check_capacity(scaling: ScalingConfig, runtime: RayRuntime) -> bool:
+    """Whether the cluster's live nodes can place every worker now (see :func:`plan_capacity`);
+    prints what is pending when the run is to wait for an autoscaler."""
+    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    pending = plan_capacity(nodes, scaling, local=runtime.local)
+    if pending is not None:
+        print(pending, flush=True)
+    return pending is None
+
+
+def plan_capacity(nodes: list[dict[str, float]], scaling: ScalingConfig, *, local: bool) -> str | None:
+    """None when ``nodes`` (each node's total resources) can place every worker now. When they cannot:
+    a :class:`CapacityError`, or, with ``scaling.wait_for_resources`` on a cluster that can grow, the
+    line saying what is pending (Ray Train then holds its request until the autoscaler adds nodes; Ray
+    2.60 has no public API that says whether a cluster autoscales, hence the explicit flag).
+
+    local: the Ray was started by ``knet`` in this process; it never grows, so an impossible request
+    is always refused there.
+    """
+    bundle = worker_resources(scaling)
+    placeable = placeable_workers(nodes, bundle)
+    if placeable >= scaling.num_workers:
+        return None
+    totals = {name: sum(node.get(name, 0.0) for node in nodes) for name in bundle}
+    asked = f"{scaling.num_workers} workers x {_fmt(bundle)}"
+    have = f"{len(nodes)} node(s) with {_fmt(totals)} in all, room for {placeable} worker(s)"
+    if local:
+        flag = (
+            " (scaling.wait_for_resources has no effect on a local Ray)" if scaling.wait_for_resources else ""
+        )
+        raise CapacityError(
+            f"scaling asks for {asked}, but this machine's Ray has {have}{flag}. Lower scaling.num_workers "
+            "or scaling.resources_per_worker, or run on a bigger cluster (RAY_ADDRESS or ray job submit)."
+        )
+    if not scaling.wait_for_resources:
+        raise CapacityError(
+            f"scaling asks for {asked}, but the Ray cluster has {have}. Lower scaling.num_workers or "
+            "scaling.resources_per_worker, or, if the cluster autoscales, set "
+            "scaling.wait_for_resources=true to wait for its nodes."
+        )
+    timeout = os.environ.get(WORKER_GROUP_START_TIMEOUT_ENV, DEFAULT_WORKER_GROUP_START_TIMEOUT_S)
+    return (
+        f"waiting for resources: scaling asks for {asked}; the cluster has {have} now. "
+        "scaling.wait_for_resources is true, so Ray Train holds the request while the autoscaler adds "
+        f"nodes (worker start-up is retried every {timeout} s); stop with Ctrl-C or `ray job stop`."
+    )
 
 
 def _dashboard_port() -> int:
@@ -116,6 +201,10 @@ def _dashboard_port() -> int:
         except OSError:
             probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def _fmt(resources: dict[str, float]) -> str:
+    return "{" + ", ".join(f"{name}: {amount:g}" for name, amount in resources.items()) + "}"
 
 
 def _cluster_cpus() -> float:

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import mlflow
 import yaml
+from knet_platform.errors import KnetUserError
+from knet_platform.tracking import no_printed_urls_with_secrets
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -64,7 +66,7 @@ def log_and_register(
                 name=MODEL_ARTIFACT_NAME,
                 python_model=str(PYFUNC_MODEL_FILE),
                 artifacts={"bundle": str(bundle_dir)},
-                pip_requirements=_pinned_requirements(),
+                pip_requirements=pinned_requirements(),
             )
         version = mlflow.register_model(info.model_uri, registered_model)
 
@@ -114,7 +116,8 @@ def _store(tracking_uri: str) -> Iterator[None]:
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
     try:
-        yield
+        with no_printed_urls_with_secrets(tracking_uri):
+            yield
     finally:
         mlflow.set_tracking_uri(previous_tracking)
         mlflow.set_registry_uri(previous_registry)
@@ -142,12 +145,25 @@ def _beats_champion(
     return better, f"{metric}={value:.4g} {relation} version {champion.version}'s {current:.4g} ({mode})"
 
 
-def _pinned_requirements() -> list[str]:
-    """The serving environment's pins: the installed versions of what a bundle needs to run."""
-    pins = []
+class MissingRequirementError(KnetUserError, RuntimeError):
+    """A package the model's serving environment needs is not installed here, so it cannot be pinned."""
+
+
+def pinned_requirements() -> list[str]:
+    """The serving environment's pins: the installed versions of what a bundle needs to run.
+
+    Every one of them is a dependency of knet-platform, so a missing one means a broken installation:
+    refused (naming the packages) rather than logging a model whose requirements silently lack it.
+    """
+    pins, missing = [], []
     for package in _RUNTIME_REQUIREMENTS:
         try:
             pins.append(f"{package}=={metadata.version(package)}")
         except metadata.PackageNotFoundError:
-            continue  # optional at serving time (e.g. pycocotools is only used by evaluators)
+            missing.append(package)
+    if missing:
+        raise MissingRequirementError(
+            f"cannot pin {', '.join(missing)} in the model's requirements: not installed in this "
+            "environment, although knet-platform depends on them. Reinstall it (pip install -e '.[platform]')."
+        )
     return pins

@@ -1,8 +1,10 @@
 """``knet run``: one experiment from YAML to a registered model.
 
-Order matters: validate, check the tracking store, prepare data (all cheap, before Ray starts), start
-or connect Ray, create (or re-open) the MLflow run, fit the Train run, then turn its best checkpoint
-into a model bundle, log it as the run's pyfunc model, register it and move the alias if it wins.
+Order matters: validate, check the tracking store and its MLflow experiment, the model's pinned
+requirements and the data (all cheap, before Ray starts), start or connect Ray, check that the cluster
+can place the workers, create (or re-open) the MLflow run, fit the Train run, then turn its best
+checkpoint into a model bundle, log it as the run's pyfunc model, register it and move the alias if it
+wins. What is printed and logged has its secrets masked (``knet_platform.redaction``).
 """
 
 from __future__ import annotations
@@ -21,13 +23,15 @@ import mlflow
 from knet_platform.checkpointing import load_checkpoint
 from knet_platform.knet_adapter import build_datasets, prepare_data, write_bundle
 from knet_platform.ray_runtime import check_capacity, start_ray, stop_ray
-from knet_platform.registry import RegisteredModel, log_and_register
+from knet_platform.redaction import redact_text
+from knet_platform.registry import RegisteredModel, log_and_register, pinned_requirements
 from knet_platform.tracking import (
     RunLogger,
     TrackingTarget,
     check_tracking_reachable,
     create_run,
     end_run,
+    ensure_experiment,
     log_experiment,
     reopen_run,
     resolve_tracking,
@@ -37,7 +41,9 @@ from knet_platform.trainer import build_trainer, validate_for_training
 if TYPE_CHECKING:
     from knet_platform.experiment import Experiment
 
-RUN_RECORD = "knet_run.json"  # next to the Ray results: which MLflow run a Ray run logs into
+# next to the Ray results (local only): which MLflow run a Ray run logs into, with the tracking URI
+# in its masked form (resume compares masked forms, so a rotated password does not block a resume)
+RUN_RECORD = "knet_run.json"
 
 
 @dataclass
@@ -45,7 +51,9 @@ class RunSummary:
     """What a finished run produced.
 
     metrics: the best checkpoint's reported metrics; model_uri: ``models:/<name>@<alias>`` (the
-    current champion, which is this run's model only when ``registered.is_champion``).
+    current champion, which is this run's model only when ``registered.is_champion``); tracking_uri:
+    the MLflow store holding the run and the model (masked), which ``knet predict --tracking-uri``
+    needs unless it is the default under ``$KNET_HOME``.
     """
 
     metrics: dict[str, float]
@@ -55,6 +63,7 @@ class RunSummary:
     best_checkpoint: str
     ray_run_name: str
     registered: RegisteredModel
+    tracking_uri: str = ""
     extras: dict[str, Any] = field(default_factory=dict)
 
     def render(self) -> str:
@@ -66,7 +75,8 @@ class RunSummary:
             f"  mlflow run id    {self.run_id}",
             f"  model version    {self.registered.model_uri}",
             f"  champion         {self.model_uri} ({self.registered.reason})",
-            f"  best checkpoint  {self.best_checkpoint}",
+            f"  best checkpoint  {redact_text(self.best_checkpoint)}",
+            f"  mlflow store     {redact_text(self.tracking_uri)}",
             f"  mlflow ui        {self.mlflow_ui_command}",
         ]
         return "\n".join(lines)
@@ -88,13 +98,14 @@ def run_experiment(
     target = resolve_tracking(experiment)
     validate_for_training(experiment)
     check_tracking_reachable(target.tracking_uri)
+    ensure_experiment(target)  # refuses a changed artifact location before anything runs
+    pinned_requirements()  # the model's serving requirements, before hours of training
     prepare_data(experiment)
     record = _latest_record(target, experiment.name) if resume else None
 
     runtime = start_ray(num_cpus=None)
     try:
-        scaling = experiment.scaling
-        check_capacity(scaling.num_workers, dict(scaling.resources_per_worker))
+        check_capacity(experiment.scaling, runtime)
         if record is not None:
             run_name, run_id = record["ray_run_name"], record["mlflow_run_id"]
             reopen_run(target.tracking_uri, run_id)
@@ -128,7 +139,7 @@ def _fit_and_register(
         init_weights = None
         if from_checkpoint is not None:
             init_weights = _local_checkpoint(from_checkpoint, target, Path(scratch))
-            logger.set_tag("knet.init_weights_from", from_checkpoint)
+            logger.set_tag("knet.init_weights_from", from_checkpoint)  # masked by set_tag
         trainer = build_trainer(
             experiment,
             run_name=run_name,
@@ -164,9 +175,10 @@ def _fit_and_register(
         run_id=run_id,
         model_uri=registered.alias_uri,
         mlflow_ui_command=target.ui_command(),
-        best_checkpoint=checkpoint.path,
+        best_checkpoint=redact_text(checkpoint.path),
         ray_run_name=run_name,
         registered=registered,
+        tracking_uri=redact_text(target.tracking_uri),
     )
 
 
@@ -199,18 +211,23 @@ def _record_path(target: TrackingTarget, experiment_name: str) -> Path:
     if "://" in target.storage_path:
         raise ValueError(
             f"--resume keeps its run record next to the Ray results, which needs a local or mounted "
-            f"tracking.storage_path (got {target.storage_path})."
+            f"tracking.storage_path (got {redact_text(target.storage_path)})."
         )
     return Path(target.storage_path) / f"{experiment_name}.{RUN_RECORD}"
 
 
 def _write_record(target: TrackingTarget, experiment_name: str, run_name: str, run_id: str) -> None:
     if "://" in target.storage_path:
-        print(f"note: tracking.storage_path {target.storage_path} is remote; this run cannot be --resumed")
+        shown = redact_text(target.storage_path)
+        print(f"note: tracking.storage_path {shown} is remote; this run cannot be --resumed")
         return
     path = _record_path(target, experiment_name)
     path.parent.mkdir(parents=True, exist_ok=True)
-    record = {"ray_run_name": run_name, "mlflow_run_id": run_id, "tracking_uri": target.tracking_uri}
+    record = {
+        "ray_run_name": run_name,
+        "mlflow_run_id": run_id,
+        "tracking_uri": redact_text(target.tracking_uri),
+    }
     # temp file + rename: a driver killed mid-write leaves the previous record whole, never half of one
     partial = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     partial.write_text(json.dumps(record, indent=2))
@@ -222,12 +239,13 @@ def _latest_record(target: TrackingTarget, experiment_name: str) -> dict[str, st
     if not path.is_file():
         raise FileNotFoundError(
             f"nothing to resume: no run of {experiment_name!r} was recorded under {target.storage_path} "
-            f"({path.name} is missing). Start it without --resume."
+            f"({path.name} is missing). Start it without --resume (or set the KNET_HOME or "
+            "tracking.storage_path the run was started with)."
         )
     record = json.loads(path.read_text())
-    if record["tracking_uri"] != target.tracking_uri:
+    if redact_text(record["tracking_uri"]) != redact_text(target.tracking_uri):
         raise ValueError(
-            f"the run to resume logged to {record['tracking_uri']}, but tracking.uri is now "
-            f"{target.tracking_uri}; resume with the same tracking.uri."
+            f"the run to resume logged to {redact_text(record['tracking_uri'])}, but tracking.uri is now "
+            f"{redact_text(target.tracking_uri)}; resume with the same tracking.uri."
         )
     return record

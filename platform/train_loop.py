@@ -23,16 +23,18 @@ import torch
 import torch.distributed as dist
 from knet_platform.checkpointing import (
     CheckpointScore,
+    RngState,
     TrainingState,
     capture_rng_state,
     load_checkpoint,
     restore_rng_state,
+    rng_state_for_rank,
     save_checkpoint,
 )
 from knet_platform.experiment import Experiment
 from knet_platform.knet_adapter import build_datasets, build_evaluators, build_knet, denormalize
 from knet_platform.optim import build_optimizer, warmup_step_factor
-from knet_platform.tracking import RunLogger
+from knet_platform.tracking import RunLogger, system_info
 from torch.utils.data import DataLoader, Subset
 
 from knet.data import collate_batch
@@ -147,8 +149,18 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         scheduler.load_state_dict(state.scheduler)
         if scaler is not None and state.scaler:
             scaler.load_state_dict(state.scaler)
-        restore_rng_state(state.rng)
         start_epoch, global_step = state.epoch, state.global_step
+        rng_state = rng_state_for_rank(state.rng, rank, world_size)
+        if rng_state is not None:
+            restore_rng_state(rng_state)  # this worker's own Python, NumPy and torch generators
+        else:
+            _seed_everything(train_cfg.seed + rank + 7919 * start_epoch)
+            if rank == 0:
+                print(
+                    f"note: the checkpoint holds no RNG states for {world_size} workers (another worker "
+                    "count, or an older format that is not loaded); each worker is seeded afresh from "
+                    "train.seed, its rank and the epoch"
+                )
         if rank == 0:
             print(f"resuming at epoch {start_epoch + 1} (step {global_step})")
     elif loop.init_weights_from is not None:
@@ -166,6 +178,9 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     )
     core = getattr(model, "module", model)
     logger = RunLogger(**loop.mlflow) if loop.mlflow is not None and rank == 0 else None
+    if logger is not None:
+        # this worker's hardware, not the driver's (a CPU head on a GPU cluster); once per run
+        logger.log_system_info_once(system_info(device=str(device), world_size=world_size))
     if logger is not None and state is not None:
         logger.set_tag("knet.restored_from_epoch", str(start_epoch))
 
@@ -229,6 +244,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             print(f"[epoch {epoch_number}/{train_cfg.epochs}] {summary} ({train_seconds:.1f}s train)")
 
         write_checkpoint = epoch_number % train_cfg.checkpoint_interval == 0 or is_last
+        # every worker's RNG state goes into the checkpoint, so each resumes its own streams
+        rng_states = _gather_rng_states(world_size) if write_checkpoint else None
         with tempfile.TemporaryDirectory(prefix="knet-ckpt-") as scratch:
             checkpoint = None
             checkpoint_name = f"checkpoint_epoch_{epoch_number:04d}"
@@ -243,7 +260,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                         scaler=scaler.state_dict() if scaler is not None else None,
                         epoch=epoch_number,
                         global_step=global_step,
-                        rng=capture_rng_state(),
+                        rng=rng_states,
                         experiment=loop.experiment,
                     ),
                     score=score,
@@ -317,6 +334,16 @@ def _evaluate(
             if isinstance(value, (int, float)):
                 metrics[f"val/{key}"] = float(value)
     return metrics, (overlay_images, overlay_predictions)
+
+
+def _gather_rng_states(world_size: int) -> list[RngState]:
+    """Every worker's RNG state, by rank (a collective: every worker calls it at the same point)."""
+    state = capture_rng_state()
+    if world_size == 1:
+        return [state]
+    gathered: list[Any] = [None] * world_size
+    dist.all_gather_object(gathered, state)
+    return gathered
 
 
 def _mean_over_workers(sums: dict[str, torch.Tensor], steps: int, device: torch.device) -> dict[str, float]:

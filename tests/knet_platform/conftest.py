@@ -1,4 +1,5 @@
-"""Fixtures shared by the platform tests: a real ``ray start --head`` cluster on loopback."""
+"""Fixtures shared by the platform tests: a real ``ray start --head`` cluster on this machine, with Ray
+2.60's default token auth (clients here read the token under ``~/.ray/``)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.knet_platform.tiny_run import BIN, cluster_env, descendant_processes, free_port
+from tests.knet_platform.tiny_run import BIN, cluster_env, descendant_processes, free_port, ray_token_headers
 
 
 @pytest.fixture
@@ -35,14 +36,15 @@ def ray_head(tmp_path: Path):
     ]  # fmt: skip
     log = (tmp_path / "ray_head.log").open("w")
     head = subprocess.Popen(
-        command, env=cluster_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        command, env=cluster_env(auth="token"), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
     )
     address = f"http://127.0.0.1:{dashboard_port}"
     try:
         deadline = time.time() + 120
         while True:
-            try:
-                with urllib.request.urlopen(f"{address}/api/version", timeout=2) as response:
+            try:  # token auth covers the dashboard's HTTP API too
+                probe = urllib.request.Request(f"{address}/api/version", headers=ray_token_headers())
+                with urllib.request.urlopen(probe, timeout=2) as response:
                     if response.status == 200:
                         break
             except OSError:

@@ -1,10 +1,13 @@
-"""Checkpoint folders: what their metadata records, and that a cut-short write is never taken for one."""
+"""Checkpoint folders: what their metadata records, that a cut-short write is never taken for one, that
+RNG states round-trip per worker without pickle, and that no secret is written into them."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import random
+import re
 import signal
 import subprocess
 import sys
@@ -12,9 +15,11 @@ import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from knet_platform.checkpointing import (
+    EXPERIMENT_FILE,
     METADATA_FILE,
     STATE_FILE,
     CheckpointScore,
@@ -23,9 +28,16 @@ from knet_platform.checkpointing import (
     capture_rng_state,
     load_checkpoint,
     read_checkpoint_metadata,
+    restore_rng_state,
+    rng_state_for_rank,
     save_checkpoint,
 )
 from torch import nn
+
+
+def _draws() -> tuple[float, float, float, torch.Tensor]:
+    """The next numbers of every generator a worker uses (Python, Python's gauss, NumPy, torch)."""
+    return random.random(), random.gauss(0, 1), float(np.random.rand()), torch.rand(3)
 
 
 def _state(epoch: int) -> TrainingState:
@@ -38,7 +50,7 @@ def _state(epoch: int) -> TrainingState:
         scaler=None,
         epoch=epoch,
         global_step=epoch * 3,
-        rng=capture_rng_state(),
+        rng=[capture_rng_state()],
         experiment={"name": "x"},
     )
 
@@ -88,7 +100,7 @@ _KILLED_WRITER = textwrap.dedent(
 
     save_checkpoint(sys.argv[1], TrainingState(
         model={"weight": torch.ones(256, 256)}, optimizer={"blocks": BlocksWhilePickled()}, scheduler={},
-        scaler=None, epoch=2, global_step=6, rng=capture_rng_state(), experiment={"name": "x"},
+        scaler=None, epoch=2, global_step=6, rng=[capture_rng_state()], experiment={"name": "x"},
     ))
     """
 )
@@ -120,3 +132,63 @@ def test_a_writer_killed_mid_save_leaves_the_previous_checkpoint_whole_under_its
     # the next writer (the resumed run) replaces it cleanly
     save_checkpoint(target, _state(epoch=2))
     assert load_checkpoint(target).epoch == 2
+
+
+def test_every_workers_rng_state_round_trips_through_a_checkpoint_file(tmp_path: Path) -> None:
+    states, expected = [], []
+    for rank in range(2):  # two "workers": each captures its own state, then draws
+        random.seed(100 + rank)
+        np.random.seed(200 + rank)
+        torch.manual_seed(300 + rank)
+        random.gauss(0, 1)  # leaves a cached Gaussian: Python's state then holds a float too
+        np.random.standard_normal()  # and NumPy's a cached one
+        states.append(capture_rng_state())
+        expected.append(_draws())
+    state = _state(epoch=1)
+    state.rng = states
+    folder = save_checkpoint(tmp_path / "ckpt", state)
+
+    loaded = load_checkpoint(folder).rng
+    for rank in range(2):
+        random.seed(0)  # the generators are somewhere else entirely ...
+        np.random.seed(0)
+        torch.manual_seed(0)
+        restore_rng_state(rng_state_for_rank(loaded, rank, world_size=2))
+        again = _draws()  # ... and after the restore they continue exactly where that worker was
+        assert again[:3] == expected[rank][:3] and torch.equal(again[3], expected[rank][3]), rank
+    # a checkpoint of 2 workers gives a 4-worker run no state (each worker is seeded afresh instead)
+    assert rng_state_for_rank(loaded, 0, world_size=4) is None
+
+
+def test_a_state_file_holds_nothing_the_weights_only_loader_refuses(tmp_path: Path) -> None:
+    folder = save_checkpoint(tmp_path / "ckpt", _state(epoch=1))
+    state_path = folder / STATE_FILE
+    # every global referenced by the pickle inside state.pt is one weights_only allows: no Python
+    # object (and so no pickled RNG state) is rebuilt on load
+    assert torch.serialization.get_unsafe_globals_in_checkpoint(str(state_path)) == []
+    payload = torch.load(state_path, weights_only=True)
+    (rng,) = payload["rng"]
+    assert isinstance(rng["python"]["version"], int) and rng["python"]["words"].dtype == torch.int64
+    assert isinstance(rng["numpy"]["pos"], int) and rng["numpy"]["keys"].shape == (624,)
+
+
+def test_a_folder_without_its_experiment_file_is_refused_naming_the_folder(tmp_path: Path) -> None:
+    folder = save_checkpoint(tmp_path / "ckpt", _state(epoch=1))
+    (folder / EXPERIMENT_FILE).unlink()
+    with pytest.raises(FileNotFoundError, match=rf"{folder} is not a complete knet training checkpoint"):
+        load_checkpoint(folder)
+
+
+def test_the_experiment_written_into_a_checkpoint_has_its_secrets_masked(tmp_path: Path) -> None:
+    state = _state(epoch=1)
+    state.experiment = {
+        "name": "x",
+        "tracking": {"uri": "https://alice:hunter2@mlflow.example.com/?token=abc123", "api_key": "k-42"},
+    }
+    folder = save_checkpoint(tmp_path / "ckpt", state)
+    written = (folder / EXPERIMENT_FILE).read_text()
+    assert not {"hunter2", "abc123", "k-42"} & set(re.findall(r"[\w-]+", written))
+    assert json.loads(written)["tracking"] == {
+        "uri": "https://***@mlflow.example.com/?token=***",
+        "api_key": "***",
+    }

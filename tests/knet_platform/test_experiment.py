@@ -1,8 +1,11 @@
-"""The experiment schema: every bad file or override fails fast with one clear ExperimentError, before Ray."""
+"""The experiment schema: every bad file or override fails with one clear ExperimentError.
+
+``load_experiment`` never touches Ray or MLflow, so these tests need no "no Ray started" check; the
+command-line path, where a late check could start Ray first, is checked in test_cli.py.
+"""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -39,7 +42,6 @@ def base(tmp_path: Path) -> Path:
 def assert_fails(path: Path, pattern: str, overrides: list[str] = ()) -> None:
     with pytest.raises(ExperimentError, match=pattern):
         load_experiment(path, list(overrides))
-    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
 
 
 def test_unknown_key_names_dotted_path_and_suggestion(tmp_path, base):
@@ -61,6 +63,12 @@ def test_wrong_type_names_key_expected_type_and_value(base):
     assert_fails(base, r"scaling\.use_gpu: expected true/false, got 3", ["scaling.use_gpu=3"])
 
 
+def test_wrong_model_type_names_the_model_key_and_expected_type(tmp_path, base):
+    text = base.read_text().replace("num_proposals: 8", "num_proposals: x")
+    assert_fails(write(tmp_path, text, "bad.yaml"), r"model\.num_proposals: must be an integer, got 'x'")
+    assert_fails(base, r"model\.update\.dropout: must be a float, got None", ["model.update.dropout=null"])
+
+
 def test_impossible_values_are_refused(base):
     assert_fails(base, r"train\.batch_size: must be >= 1", ["train.batch_size=0"])
     assert_fails(base, r"train\.keep_checkpoints: must be >= 1", ["train.keep_checkpoints=0"])
@@ -75,6 +83,43 @@ def test_impossible_values_are_refused(base):
         ["train.metric=val/miou", "task=instance"],
     )
     assert_fails(base, r"model: .*channels must be a positive multiple of 32", ["model.channels=48"])
+
+
+def test_scaling_combinations_ray_would_refuse_after_starting_are_refused_here(base):
+    assert_fails(
+        base,
+        r"scaling\.resources_per_worker: asks for GPU: 1\.0 per worker but scaling\.use_gpu is false",
+        ["scaling.resources_per_worker={CPU: 1, GPU: 1}"],
+    )
+    assert_fails(
+        base,
+        r"scaling\.resources_per_worker: GPU: 0 but scaling\.use_gpu is true",
+        ["scaling.use_gpu=true", "scaling.resources_per_worker={CPU: 1, GPU: 0}"],
+    )
+    assert_fails(
+        base, r"scaling\.resources_per_worker: .* reserves nothing", ["scaling.resources_per_worker={CPU: 0}"]
+    )
+    assert_fails(base, r"scaling\.wait_for_resources: expected true/false", ["scaling.wait_for_resources=1"])
+    assert load_experiment(base).scaling.wait_for_resources is False  # refuse by default
+    gpu = load_experiment(base, ["scaling.use_gpu=true", "scaling.resources_per_worker={CPU: 2}"])
+    assert gpu.scaling.resources_per_worker == {"CPU": 2.0}  # Ray adds GPU: 1 per worker itself
+
+
+def test_dot_knet_paths_live_under_knet_home(tmp_path, base, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    text = base.read_text().replace(str(tmp_path / "cache"), ".knet/data/synth")
+    path = write(tmp_path, text, "home.yaml")
+    overrides = ["tracking.storage_path=.knet/results", "tracking.artifact_location=arts"]
+    monkeypatch.delenv("KNET_HOME", raising=False)
+    default = load_experiment(path, overrides)
+    assert default.data.synthetic.cache_dir == str(tmp_path / ".knet" / "data" / "synth")
+    assert default.tracking.storage_path == str(tmp_path / ".knet" / "results")
+    monkeypatch.setenv("KNET_HOME", str(tmp_path / "home"))
+    moved = load_experiment(path, overrides)
+    assert moved.data.synthetic.cache_dir == str(tmp_path / "home" / "data" / "synth")
+    assert moved.data.train.images == str(tmp_path / "home" / "data" / "synth" / "images" / "train")
+    assert moved.tracking.storage_path == str(tmp_path / "home" / "results")
+    assert moved.tracking.artifact_location == str(tmp_path / "arts")  # other relative paths: the cwd
 
 
 def test_missing_data_path_is_resolved_against_the_yaml_folder(tmp_path):
@@ -176,6 +221,35 @@ def test_flatten_params_masks_secrets():
         experiment.with_overrides({"scaling.resources_per_worker": {"CPU": 1, "api_token": 3}})
     )
     assert params["scaling.resources_per_worker.api_token"] == "***"
+    tokens = experiment.with_overrides(
+        {"tracking.uri": "https://mlflow.example.com/?token=abc123&project=seg&password=p4ss&access_key=AK1"}
+    )
+    params = flatten_params(tokens)
+    assert params["tracking.uri"] == (
+        "https://mlflow.example.com/?token=***&project=seg&password=***&access_key=***"
+    )
+    assert not {"abc123", "p4ss", "AK1"} & set("".join(params.values()).replace("&", " ").split())
+
+
+# The paper's recipes (knet-spec.md sections 1 and 3): AdamW, 1000 warm-up iterations from 0.001x, grad
+# clip 1.0, 3 update stages, 8 GPU workers x 2 images = 16 images per iteration.
+_COCO_1X = {
+    "lr": 1e-4, "weight_decay": 0.05, "backbone_lr_mult": 0.25, "lr_steps": [8, 11], "epochs": 12,
+    "num_proposals": 100, "train_short_sides": [800], "train_short_range": None, "max_size": 1333,
+    "crop_size": None, "test": (800, 1333), "frozen_stages": 1, "norm_eval": True,
+}  # fmt: skip
+PAPER_SETTINGS = {
+    "coco_panoptic_r50": _COCO_1X,
+    "coco_instance_r50": _COCO_1X,
+    # 80k iterations x 16 images over ADE20K's 20,210 images ~ 64 epochs, steps at 60k / 72k ~ 48 / 57;
+    # resize (2048, 512) x ratio 0.5-2.0 -> short side 256-1024, long side up to 4096, 512 x 512 crops
+    "ade20k_semantic_upernet_r50": {
+        "lr": 1e-4, "weight_decay": 5e-4, "backbone_lr_mult": 1.0, "lr_steps": [48, 57], "epochs": 64,
+        "num_proposals": None, "train_short_sides": None, "train_short_range": (256, 1024),
+        "max_size": 4096, "crop_size": (512, 512), "test": (512, 2048), "frozen_stages": -1,
+        "norm_eval": False,
+    },
+}  # fmt: skip
 
 
 @pytest.mark.parametrize("name", sorted(path.stem for path in EXPERIMENTS.glob("*.yaml")))
@@ -194,9 +268,33 @@ def test_shipped_experiments_load_and_validate(name, tmp_path, monkeypatch):
         weights.write_bytes(b"")
         raw["model"]["backbone"]["pretrained_path"] = str(weights)
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("KNET_HOME", raising=False)
     experiment = Experiment.from_dict(raw)
     assert experiment.name == name and experiment.model_config().task == experiment.task
     if synthetic:
         assert experiment.data.synthetic.cache_dir == str(tmp_path / ".knet" / "data" / "synthetic")
-    else:
-        assert experiment.train.batch_size == 2 and experiment.scaling.use_gpu
+        return
+    paper = PAPER_SETTINGS[name]
+    train, config, transforms = experiment.train, experiment.model_config(), experiment.data.transforms
+    assert (train.lr, train.weight_decay, train.backbone_lr_mult) == pytest.approx(
+        (paper["lr"], paper["weight_decay"], paper["backbone_lr_mult"])
+    )
+    assert (train.lr_steps, train.lr_gamma, train.epochs) == (paper["lr_steps"], 0.1, paper["epochs"])
+    assert (train.warmup_iters, train.warmup_ratio, train.grad_clip) == (1000, 0.001, 1.0)
+    assert train.betas == [0.9, 0.999] and train.amp is False  # the paper trains in fp32
+    assert (train.batch_size, experiment.scaling.num_workers, experiment.scaling.use_gpu) == (2, 8, True)
+    assert config.num_stages == 3
+    if paper["num_proposals"] is not None:  # semantic: one kernel per class, no proposals
+        assert config.num_proposals == paper["num_proposals"]
+    assert (config.backbone.frozen_stages, config.backbone.norm_eval) == (
+        paper["frozen_stages"],
+        paper["norm_eval"],
+    )
+    assert transforms.train_short_sides == paper["train_short_sides"]
+    assert transforms.train_short_range == paper["train_short_range"]
+    assert (transforms.max_size, transforms.crop_size, transforms.flip_prob) == (
+        paper["max_size"],
+        paper["crop_size"],
+        0.5,
+    )
+    assert (transforms.test_short_side, transforms.test_max_size) == paper["test"]

@@ -29,6 +29,12 @@ def _epochs_logged(client: MlflowClient, run_id: str, key: str = "val/pq") -> li
     return sorted(m.step for m in client.get_metric_history(run_id, key))
 
 
+def _system_info_written_at(tmp_path: Path, run_id: str) -> float:
+    """When the run's system_info.json was written into the local artifact store (its mtime)."""
+    (path,) = (tmp_path / "mlartifacts").glob(f"**/{run_id}/artifacts/system_info.json")
+    return path.stat().st_mtime
+
+
 def test_resume_continues_the_same_run_and_from_checkpoint_starts_a_new_one_from_its_weights(
     tmp_path: Path, local_ray, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -36,6 +42,7 @@ def test_resume_continues_the_same_run_and_from_checkpoint_starts_a_new_one_from
 
     monkeypatch.chdir(tmp_path)
     first = run_experiment(load_tiny(tmp_path, epochs=1, workers=2))
+    resume_started = time.time()
     resumed = run_experiment(load_tiny(tmp_path, epochs=2, workers=2), resume=True)
 
     assert resumed.run_id == first.run_id and resumed.ray_run_name == first.ray_run_name
@@ -47,6 +54,7 @@ def test_resume_continues_the_same_run_and_from_checkpoint_starts_a_new_one_from
     assert _epochs_logged(client, resumed.run_id, "train/loss") == [1, 2]
     assert resumed.metrics["epoch"] in (1, 2)
     assert resumed.registered.version == "2"  # each finished fit registers its best model
+    assert _system_info_written_at(tmp_path, first.run_id) < resume_started  # logged once per run
 
     # fine-tuning from the run's uploaded best checkpoint starts a new run (new Ray and MLflow run)
     best_uri = f"runs:/{first.run_id}/checkpoints/best"
@@ -72,6 +80,7 @@ def test_a_killed_train_worker_is_replaced_and_training_continues_from_the_lates
     epochs = 4
     experiment = load_tiny(tmp_path, epochs=epochs, workers=2)
     killed: list[int] = []
+    killed_at: list[float] = []
 
     def kill_a_worker_once_a_checkpoint_is_registered() -> None:
         # checkpoint 2 being written means report 1 returned, so checkpoint 1 is registered with Ray
@@ -81,6 +90,7 @@ def test_a_killed_train_worker_is_replaced_and_training_continues_from_the_lates
                 workers = _train_workers()
                 if workers:
                     os.kill(workers[-1], signal.SIGKILL)
+                    killed_at.append(time.time())
                     killed.append(workers[-1])
                     return
             time.sleep(0.2)
@@ -98,3 +108,5 @@ def test_a_killed_train_worker_is_replaced_and_training_continues_from_the_lates
     assert 1 <= restored < epochs
     assert _epochs_logged(client, summary.run_id) == list(range(1, epochs + 1))
     assert killed[0] not in _train_workers()
+    # the restarted worker group's rank 0 did not log system info a second time
+    assert _system_info_written_at(tmp_path, summary.run_id) < killed_at[0]

@@ -1,12 +1,16 @@
-"""The same YAML on a Ray cluster: ``ray job submit -- knet run experiments/quickstart.yaml`` succeeds.
+"""The same YAML on a Ray cluster, submitted as the README says: results land in ``$KNET_HOME``.
 
-The cluster is a real ``ray start --head`` on loopback with token auth disabled (development only) and
-the project's venv first on PATH, so the job's entrypoint finds ``knet``. It runs with ``--block`` and
-is stopped by signalling the process group it started: ``ray stop`` would stop every Ray on the machine.
+The cluster is a real ``ray start --head`` on this machine with Ray 2.60's default token auth (the
+token under ``~/.ray/``) and the project's venv first on PATH, so the job's entrypoint finds ``knet``. It
+runs with ``--block`` and is stopped by signalling the process group it started: ``ray stop`` would stop
+every Ray on the machine. The test's ``tmp_path`` plays the user's checkout: ``KNET_HOME`` is its
+``.knet``, and ``knet predict`` run there with no tracking option finds the registered model.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 import uuid
 from pathlib import Path
@@ -15,48 +19,81 @@ import pytest
 from mlflow.tracking import MlflowClient
 from ray.job_submission import JobStatus, JobSubmissionClient
 
-from tests.knet_platform.tiny_run import BIN, REPO, cluster_env, tiny_overrides
+from tests.knet_platform.tiny_run import BIN, REPO, cluster_env, free_port, ray_token_headers, tiny_overrides
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.mlflow]
 
 
-def test_ray_job_submit_of_the_quickstart_reaches_succeeded_and_tracks_the_run(
-    ray_head: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _submit(address: str, entrypoint: list[str], *, knet_home: Path | None) -> tuple[str, str]:
+    """``ray job submit --working-dir <repo> [--runtime-env-json KNET_HOME] -- ENTRYPOINT``, as the
+    README writes it; returns the submission id and everything the command printed."""
     submission_id = f"knet-test-{uuid.uuid4().hex[:8]}"
-    sets: list[str] = []
-    for override in tiny_overrides(tmp_path, epochs=1, workers=1):
-        sets += ["--set", override]
+    command = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO)]
+    if knet_home is not None:
+        command += ["--runtime-env-json", json.dumps({"env_vars": {"KNET_HOME": str(knet_home)}})]
+    command += ["--submission-id", submission_id, "--", *entrypoint]
     submit = subprocess.run(
-        [
-            str(BIN / "ray"),
-            "job",
-            "submit",
-            "--address",
-            ray_head,
-            "--working-dir",
-            str(REPO),
-            "--submission-id",
-            submission_id,
-            "--",
-            "knet",
-            "run",
-            "experiments/quickstart.yaml",
-            *sets,
-        ],  # fmt: skip
-        env=cluster_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
+        command, env=cluster_env(auth="token"), capture_output=True, text=True, timeout=600
     )
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    status = JobSubmissionClient(ray_head).get_job_status(submission_id)
-    assert status == JobStatus.SUCCEEDED, (
-        f"{status}\n--- job output ---\n{submit.stdout[-4000:]}{submit.stderr[-2000:]}"
-    )
-    assert "models:/quickstart@champion" in submit.stdout
+    return submission_id, submit.stdout + submit.stderr
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+def _status(address: str, submission_id: str) -> JobStatus:
+    return JobSubmissionClient(address, headers=ray_token_headers()).get_job_status(submission_id)
+
+
+def test_the_readme_job_keeps_its_run_checkpoints_and_champion_under_knet_home(
+    ray_head: str, tmp_path: Path
+) -> None:
+    home = tmp_path / ".knet"
+    sets = [
+        item
+        for override in tiny_overrides(tmp_path, workers=1, tracking=False)
+        for item in ("--set", override)
+    ]
+    submission_id, output = _submit(
+        ray_head, ["knet", "run", "experiments/quickstart.yaml", *sets], knet_home=home
+    )
+    status = _status(ray_head, submission_id)
+    assert status == JobStatus.SUCCEEDED, f"{status}\n--- job output ---\n{output[-5000:]}"
+    assert "models:/quickstart@champion" in output
+    assert f"mlflow store     sqlite:///{home / 'mlflow.db'}" in output  # the summary says where
+    assert "runs in Ray's temporary copy" not in output  # KNET_HOME was given: no warning
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("quickstart").experiment_id])
     assert run.info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val/pq")] == [1]
+    record = json.loads((home / "ray_results" / "quickstart.knet_run.json").read_text())
+    assert record["mlflow_run_id"] == run.info.run_id  # what `knet run --resume` reads
+    assert (home / "ray_results" / record["ray_run_name"] / "checkpoint_epoch_0001" / "state.pt").is_file()
+    assert list((home / "data" / "synthetic").glob("images/val/*.png"))  # the data cache too
+
+    # from the "checkout", with no tracking option, as the README's predict command
+    images = tmp_path / "inputs"
+    images.mkdir()
+    for path in sorted((home / "data" / "synthetic" / "images" / "val").iterdir())[:2]:
+        shutil.copy(path, images / path.name)
+    predict = subprocess.run(
+        [str(BIN / "knet"), "predict", "--model", "models:/quickstart@champion", str(images), "--out", "out"],
+        cwd=tmp_path, env=cluster_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert predict.returncode == 0, predict.stderr[-3000:]
+    assert len(list((tmp_path / "out" / "overlays").glob("*.png"))) == 2
+
+
+def test_a_job_without_knet_home_is_warned_where_its_results_would_go(ray_head: str) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"  # fails fast after the warning, before any training
+    submission_id, output = _submit(
+        ray_head,
+        ["knet", "run", "experiments/quickstart.yaml", "--set", f"tracking.uri={dead}"],
+        knet_home=None,
+    )
+    assert _status(ray_head, submission_id) == JobStatus.FAILED, output[-5000:]
+    # (a failed job's last logs are printed twice: streamed, then in its status message)
+    warnings = [line for line in output.splitlines() if line.startswith("warning: this Ray job runs")]
+    assert warnings, output[-5000:]
+    warning = warnings[0]
+    assert "runtime_resources" in warning and "KNET_HOME is not set" in warning
+    assert "--runtime-env-json" in warning
+    assert f"error: MLflow tracking server {dead} is not reachable" in output

@@ -77,3 +77,11 @@ def test_download_model_returns_the_logged_bundle_folder(store, tmp_path: Path) 
     folder = download_model(registered.alias_uri, target.tracking_uri, tmp_path / "download")
     assert (folder / "model_config.json").read_text() == "{}"
     assert folder.is_relative_to(tmp_path / "download")
+
+
+def test_the_model_pins_every_package_its_serving_environment_needs() -> None:
+    from knet_platform.registry import _RUNTIME_REQUIREMENTS, pinned_requirements
+
+    pins = pinned_requirements()  # a missing one raises MissingRequirementError, never drops silently
+    assert [pin.split("==")[0] for pin in pins] == list(_RUNTIME_REQUIREMENTS)
+    assert all(pin.split("==")[1] for pin in pins)

@@ -1,8 +1,9 @@
 """What one run leaves in MLflow, and the registered model used through ``knet predict`` / ``knet eval``.
 
 A 2-epoch quickstart (1 worker, 3 steps per epoch) with ``tracking.log_checkpoints=all`` and a loss line
-every step: the resolved YAML, system info, overlays, per-step losses, every checkpoint's storage URI,
-epoch, ranking metric and upload; then the champion is pulled by its ``models:/`` URI on the command line.
+every step: the resolved YAML (secrets masked, logged by the driver), system info (logged once, by
+rank 0 of the Train workers), overlays, per-step losses, every checkpoint's storage URI, epoch, ranking
+metric and upload; then the champion is pulled by its ``models:/`` URI on the command line.
 With ``tracking.log_checkpoints=none`` nothing but the checkpoints' URIs reaches MLflow.
 """
 
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from knet_platform.redaction import redact
 from mlflow.tracking import MlflowClient
 
 from tests.knet_platform.tiny_run import QUICKSTART, load_tiny, start_local_ray, tiny_overrides
@@ -51,9 +53,11 @@ def test_a_run_logs_yaml_system_info_overlays_step_losses_and_every_checkpoint_a
     logged_yaml = yaml.safe_load(
         Path(client.download_artifacts(summary.run_id, "experiment.yaml")).read_text()
     )
-    assert logged_yaml == experiment.to_dict()
+    assert logged_yaml == redact(experiment.to_dict())  # equal here: this experiment holds no secret
     system = json.loads(Path(client.download_artifacts(summary.run_id, "system_info.json")).read_text())
-    assert {"torch", "ray", "mlflow", "cpu_count"} <= set(system)
+    assert {"torch", "ray", "mlflow", "cpu_count", "hostname", "cuda_devices"} <= set(system)
+    assert system["logged_by"] == "rank 0 of the Ray Train workers" and system["world_size"] == 1
+    assert system["device"] == "cpu"
     assert any(path.startswith("overlays/epoch_002_") for path in artifacts("overlays"))
 
     steps = sorted(m.step for m in client.get_metric_history(summary.run_id, "train/step_loss"))

@@ -22,9 +22,15 @@ BIN = Path(sys.executable).parent  # the venv's ray, knet and mlflow commands
 
 
 def tiny_overrides(
-    tmp_path: Path, *, epochs: int = 1, workers: int = 2, tracking_uri: str | None = None
+    tmp_path: Path,
+    *,
+    epochs: int = 1,
+    workers: int = 2,
+    tracking_uri: str | None = None,
+    tracking: bool = True,
 ) -> list[str]:
-    """``--set`` strings: resnet18 with 32 channels, 64-pixel images, 3 steps per epoch, tracking in tmp."""
+    """``--set`` strings: resnet18 with 32 channels, 64-pixel images, 3 steps per epoch, tracking in tmp
+    (``tracking=False``: no tracking overrides, so the defaults under ``$KNET_HOME`` apply)."""
     uri = tracking_uri or f"sqlite:///{tmp_path / 'mlflow.db'}"
     overrides = [
         "model.backbone.name=resnet18",
@@ -45,9 +51,10 @@ def tiny_overrides(
         "train.max_steps_per_epoch=3",
         "train.log_every=0",
         f"scaling.num_workers={workers}",
-        f"tracking.uri={uri}",
-        f"tracking.storage_path={tmp_path / 'ray_results'}",
     ]
+    if not tracking:
+        return overrides
+    overrides += [f"tracking.uri={uri}", f"tracking.storage_path={tmp_path / 'ray_results'}"]
     if not uri.startswith("http"):
         overrides.append(f"tracking.artifact_location={tmp_path / 'mlartifacts'}")
     return overrides
@@ -87,12 +94,23 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def cluster_env() -> dict[str, str]:
-    """Environment for a loopback development cluster: the venv first on PATH, token auth off."""
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled"}
-    for name in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):  # this process's own Ray, not the new one
+def cluster_env(*, auth: str = "disabled") -> dict[str, str]:
+    """Environment for a development cluster on this machine: the venv first on PATH, token auth off
+    (``auth="token"``: Ray 2.60's default, the token read from ``~/.ray/``), no KNET_HOME unless a test
+    sets one."""
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": auth}
+    # this process's own Ray, not the new one; and KNET_HOME only where a test says
+    for name in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "KNET_HOME"):
         env.pop(name, None)
     return env
+
+
+def ray_token_headers() -> dict[str, str]:
+    """The HTTP header a client of a token-auth cluster on this machine sends (Ray 2.60 keeps the token
+    in ``~/.ray/auth_token``; ``ray start`` re-uses an existing one). Passed explicitly: this process's
+    Ray config may have been read before (auth mode unset means disabled for a bare client)."""
+    token_path = Path.home() / ".ray" / "auth_token"
+    return {"Authorization": f"Bearer {token_path.read_text().strip()}"} if token_path.is_file() else {}
 
 
 def start_local_ray():
