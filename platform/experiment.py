@@ -22,6 +22,7 @@ from knet_platform.errors import KnetUserError
 from knet_platform.home import local_path
 from knet_platform.overrides import apply_overrides, parse_override
 from knet_platform.redaction import MASK, is_secret_key, redact_text
+from knet_platform.yaml_text import load_yaml
 
 from knet import KNetConfig
 from knet.config import ConfigFieldError
@@ -456,12 +457,12 @@ _SPEC_ARITY = {"uniform": 2, "loguniform": 2, "randint": 2, "qrandint": 3}
 
 
 def load_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Experiment:
-    """Read an experiment YAML (``yaml.safe_load``) and apply ``--set key=value`` strings."""
+    """Read an experiment YAML (a ``yaml.SafeLoader``, see yaml_text) and apply ``--set key=value`` strings."""
     path = Path(path)
     if not path.is_file():
         raise ExperimentError(f"experiment file {path} does not exist: pass the path of a YAML file")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = load_yaml(path.read_text())
     except yaml.YAMLError as error:
         raise ExperimentError(f"{path} is not valid YAML: {error}") from None
     if not isinstance(raw, dict):
@@ -598,8 +599,6 @@ def _conform(value: Any, tp: Any, key: str) -> Any:
             raise ExperimentError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
-        if isinstance(value, str) and _YAML11_FLOAT.fullmatch(value.strip()):
-            value = float(value)  # PyYAML (YAML 1.1) reads 1e-4 as a string; YAML 1.2 reads a float
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ExperimentError(f"{key}: expected a number, got {value!r}")
         return float(value)
@@ -616,9 +615,6 @@ def _conform(value: Any, tp: Any, key: str) -> Any:
             raise ExperimentError(f"{key}: expected a mapping, got {value!r}")
         return {_conform(k, args[0], key): _conform(v, args[1], f"{key}.{k}") for k, v in value.items()}
     raise TypeError(f"experiment schema: no rule for type {tp!r} at {key}")  # a bug here, not in the YAML
-
-
-_YAML11_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def _name(tp: Any) -> str:

@@ -7,6 +7,7 @@ import difflib
 from typing import Any
 
 import yaml
+from knet_platform.yaml_text import load_yaml
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -18,7 +19,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not sep or not key or any(not part for part in key.split(".")):
         raise ExperimentError(f"bad override {text!r}: write key=value with a dotted key, e.g. train.lr=2e-4")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as error:
         raise ExperimentError(f"bad override {text!r}: the value is not valid YAML ({error})") from None
     return key, value

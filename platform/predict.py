@@ -28,16 +28,14 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 def load_model(model_uri: str | Path, *, tracking_uri: str | None = None) -> ModelBundle:
     """A bundle from a local folder, or from ``models:/name@alias`` / ``runs:/...`` in the MLflow store
-    (``tracking_uri``, default ``$MLFLOW_TRACKING_URI`` or ``sqlite:///<cwd>/.knet/mlflow.db``)."""
+    (``tracking_uri``, default ``$MLFLOW_TRACKING_URI`` or the local store under ``$KNET_HOME``, as
+    ``knet run`` writes it)."""
     if "://" not in str(model_uri) and not str(model_uri).startswith("models:"):
         return load_bundle(model_uri)
+    from knet_platform.home import default_tracking_uri
     from knet_platform.registry import download_model  # MLflow only when a URI is given
 
-    uri = (
-        tracking_uri
-        or os.environ.get("MLFLOW_TRACKING_URI")
-        or f"sqlite:///{Path.cwd() / '.knet' / 'mlflow.db'}"
-    )
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
     with tempfile.TemporaryDirectory(prefix="knet-model-") as scratch:
         return load_bundle(download_model(str(model_uri), uri, scratch))
 

@@ -179,6 +179,16 @@ def test_overrides_apply_are_parsed_as_yaml_and_revalidate(base):
         experiment.with_overrides({"scaling.num_workers": 0})
 
 
+def test_exponent_numbers_without_a_dot_are_floats_in_files_and_overrides(tmp_path, base):
+    # PyYAML alone (YAML 1.1) would read 1e-4 as the string '1e-4'
+    text = base.read_text().replace("num_proposals: 8", "num_proposals: 8, loss: {cls_weight: 2e0}")
+    text = text.replace("batch_size: 2}", "batch_size: 2, lr: 1e-4}")
+    experiment = load_experiment(write(tmp_path, text, "exp.yaml"), ["model.loss.dice_weight=4E+0"])
+    assert experiment.train.lr == 1e-4
+    model = experiment.model_config()
+    assert (model.loss.cls_weight, model.loss.dice_weight) == (2.0, 4.0)
+
+
 def test_to_dict_round_trips_through_yaml(tmp_path, base):
     experiment = load_experiment(base)
     dumped = yaml.safe_dump(experiment.to_dict(), sort_keys=False)
