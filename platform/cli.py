@@ -139,10 +139,7 @@ def _run(args: argparse.Namespace) -> int:
         return _search(args, experiment)
     from knet_platform.runner import run_experiment
 
-    summary = run_experiment(experiment, resume=args.resume, from_checkpoint=args.from_checkpoint)
-    print(json.dumps({k: v for k, v in summary.metrics.items() if isinstance(v, (int, float))}, indent=2))
-    print(f"run id: {summary.run_id}\nmodel: {summary.model_uri}\nbest checkpoint: {summary.best_checkpoint}")
-    print(f"browse: {summary.mlflow_ui_command}")
+    run_experiment(experiment, resume=args.resume, from_checkpoint=args.from_checkpoint)  # prints its summary
     return 0
 
 

@@ -9,6 +9,8 @@ the champion's run. ``download_model`` is the way back: a ``models:/...`` URI to
 from __future__ import annotations
 
 import math
+import os
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -61,7 +63,14 @@ def log_and_register(
     if mode not in ("max", "min"):
         raise ValueError(f"mode={mode!r}: use 'max' or 'min'")
     with _store(tracking_uri):
-        with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
+        with (
+            mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None),
+            warnings.catch_warnings(),
+        ):
+            # predict has no type hints on purpose (pyfunc_model.py); MLflow warns about that each time
+            warnings.filterwarnings(
+                "ignore", message=".*type hints to the `predict` method", category=UserWarning
+            )
             info = mlflow.pyfunc.log_model(
                 name=MODEL_ARTIFACT_NAME,
                 python_model=str(PYFUNC_MODEL_FILE),
@@ -113,6 +122,8 @@ def _store(tracking_uri: str) -> Iterator[None]:
     registry URI even when a tracking URI is passed explicitly; the previous URIs come back after.
     """
     previous_tracking, previous_registry = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    # a model is a handful of files: MLflow's download progress bars are noise in a run's log
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
     try:
