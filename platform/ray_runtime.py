@@ -11,7 +11,9 @@ listen on every interface (checked with ``ss -ltn``), so the local Ray is not lo
 pass; what protects it is Ray's token authentication, on by default (keep ``RAY_AUTH_MODE`` unset).
 
 Before training, :func:`check_capacity` compares the request with what the cluster's nodes can place:
-Ray Train 2.60 would otherwise retry an unplaceable worker group forever.
+Ray Train 2.60 would otherwise retry an unplaceable worker group forever. The per-node rules here
+(:func:`worker_resources`, :func:`bundles_on_node`) also size a search's trials
+(``search_space.plan_budget``).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from __future__ import annotations
 import math
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -36,6 +38,10 @@ DEFAULT_OBJECT_STORE_BYTES = 200_000_000
 # Ray's State API clients (Train's placement-group cleaner among them) find "the" local cluster by
 # scanning processes and give up when two run on one machine; this variable names ours for them.
 API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
+# Ray Train 2.60 replaces print() in its workers with one that logs through Train's logger and, once
+# anything has wrapped sys.stdout, prints as well: every line of the loop (and pycocotools' report,
+# which we redirect) reached the driver twice. Off, a worker's print goes to its stdout, streamed once.
+PRINT_PATCH_ENV = "RAY_TRAIN_ENABLE_PRINT_PATCH"
 
 
 class CapacityError(KnetUserError, RuntimeError):
@@ -80,12 +86,14 @@ def start_ray(
         )
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        # merged into the job's runtime env (ray job submit's working_dir stays); every worker gets it
+        ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": {PRINT_PATCH_ENV: "0"}})
         _local_ray_started = False
     else:
         dashboard_port = _dashboard_port()
         if include_dashboard:  # before ray.init, so the raylet and every worker it starts inherit it
             os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{dashboard_port}"
+        os.environ.setdefault(PRINT_PATCH_ENV, "0")  # inherited by the raylet and its workers too
         ray.init(
             address="local",  # not "whatever cluster /tmp/ray last recorded": that one may be dead
             num_cpus=num_cpus,
@@ -126,23 +134,49 @@ def ray_session(
         stop_ray(runtime)
 
 
-def worker_resources(scaling: ScalingConfig) -> dict[str, float]:
-    """What one Train worker reserves, as Ray Train computes it: zero amounts dropped, ``GPU: 1``
-    added when ``use_gpu`` names no GPU amount."""
-    bundle = {name: float(amount) for name, amount in scaling.resources_per_worker.items() if amount > 0}
-    if scaling.use_gpu:
+def worker_resources(resources_per_worker: Mapping[str, float], use_gpu: bool) -> dict[str, float]:
+    """What Ray Train reserves for one worker (on one node): ``resources_per_worker`` without zero
+    amounts, plus ``GPU: 1`` when ``use_gpu`` names no GPU amount (as ``ray.train.ScalingConfig`` does
+    in Ray 2.60). Plain runs and every trial of a search use it."""
+    bundle = {name: float(amount) for name, amount in resources_per_worker.items() if amount > 0}
+    if use_gpu:
         bundle.setdefault("GPU", 1.0)
     return bundle
 
 
-def placeable_workers(nodes: list[dict[str, float]], bundle: dict[str, float]) -> int:
+def bundles_on_node(bundle: Mapping[str, float], node: Mapping[str, float]) -> int:
+    """How many copies of ``bundle`` (positive amounts) one node with these free resources holds: a
+    Ray bundle never spans nodes. The one per-node fitting rule of plain runs and searches."""
+    fits = [math.floor(float(node.get(name, 0.0)) / amount + 1e-6) for name, amount in bundle.items()]
+    return max(min(fits, default=0), 0)
+
+
+def placeable_workers(nodes: Sequence[Mapping[str, float]], bundle: Mapping[str, float]) -> int:
     """How many workers of ``bundle`` fit on nodes with these total resources (a worker lives on one
     node; Ray Train spreads workers over nodes as needed)."""
-    total = 0
-    for node in nodes:
-        fits = [math.floor(node.get(name, 0.0) / amount + 1e-6) for name, amount in bundle.items()]
-        total += max(min(fits, default=0), 0)
-    return total
+    return sum(bundles_on_node(bundle, node) for node in nodes)
+
+
+def packed_groups(
+    nodes: Sequence[Mapping[str, float]], group: Sequence[Mapping[str, float]], *, limit: int
+) -> int:
+    """How many whole copies of ``group`` (a search trial: its driver and its workers) first-fit packing
+    places on ``nodes``, up to ``limit``; each bundle on one node, empty bundles ignored."""
+    free = [dict(node) for node in nodes]
+    placed = 0
+    while placed < limit:
+        trial_free = [dict(node) for node in free]
+        for bundle in group:
+            if not bundle:
+                continue
+            node = next((n for n in trial_free if bundles_on_node(bundle, n) >= 1), None)
+            if node is None:
+                return placed
+            for resource, amount in bundle.items():
+                node[resource] = node.get(resource, 0.0) - amount
+        free = trial_free
+        placed += 1
+    return placed
 
 
 def check_capacity(scaling: ScalingConfig, runtime: RayRuntime) -> bool:
@@ -164,7 +198,7 @@ def plan_capacity(nodes: list[dict[str, float]], scaling: ScalingConfig, *, loca
     local: the Ray was started by ``knet`` in this process; it never grows, so an impossible request
     is always refused there.
     """
-    bundle = worker_resources(scaling)
+    bundle = worker_resources(scaling.resources_per_worker, scaling.use_gpu)
     placeable = placeable_workers(nodes, bundle)
     if placeable >= scaling.num_workers:
         return None

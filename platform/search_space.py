@@ -1,15 +1,18 @@
-"""The ``tune`` section turned into what Ray Tune runs: search domains and a resource budget.
+"""The ``tune`` section turned into what Ray Tune runs: search domains (secrets masked) and a resource
+budget.
 
 Everything here is a pure function of the experiment and the cluster's resources (no Ray started),
 so a search that cannot run is refused before anything expensive happens: a trial that does not fit
-the cluster would otherwise wait for resources forever (Ray 2.60 retries scheduling without failing).
-Ray is imported inside the functions that build domains, so validating a YAML stays fast.
+the cluster would otherwise wait for resources forever (Ray 2.60 retries scheduling without failing),
+unless ``scaling.wait_for_resources`` says an autoscaler will add nodes. Ray is imported inside the
+functions that build domains and budgets, so validating a YAML stays fast.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import math
 import random
 import types
@@ -17,6 +20,9 @@ import typing
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from knet_platform.errors import KnetUserError
+from knet_platform.redaction import redact
 
 OPERATORS = ("choice", "grid", "uniform", "loguniform", "randint", "qrandint")
 CONTINUOUS = ("uniform", "loguniform")
@@ -30,8 +36,9 @@ COMBINATION_SAMPLES = 32  # else: this many random combinations
 Space = Mapping[str, tuple[str, Sequence[Any]]]
 
 
-class SearchSpaceError(ValueError):
-    """A ``tune.space`` entry that Tune cannot sample; the message names the key and the fix."""
+class SearchSpaceError(KnetUserError, ValueError):
+    """A search that cannot run as configured (a ``tune.space`` entry Tune cannot sample, a bad ``tune``
+    setting, a trial the cluster cannot hold); the message names the key and the fix."""
 
 
 def to_domain(key: str, op: str, args: Sequence[Any]) -> Any:
@@ -110,6 +117,42 @@ def resolve_space(space: Space, search_alg: str, num_samples: int) -> dict[str, 
     if search_alg != "random":
         raise SearchSpaceError(f"tune.search_alg={search_alg!r}: use one of {', '.join(SEARCH_ALGS)}")
     return resolved
+
+
+@dataclass(frozen=True)
+class MaskedSpace:
+    """The space as Tune sees it, prints (each trial's configuration, its status table) and stores:
+    every listed value holding a secret (``knet_platform.redaction``) replaced by a placeholder, its
+    masked form and position (``https://***@host #2``; ``*** #1`` under a secret-named key), so trials
+    stay told apart. :meth:`reveal` gives a trial its real values."""
+
+    space: dict[str, tuple[str, list[Any]]]
+    originals: dict[str, dict[str, Any]]  # key -> placeholder -> the value it stands for
+
+    def reveal(self, config: Mapping[str, Any]) -> dict[str, Any]:
+        """A trial's values as Tune gave them (placeholders) -> the values the trial trains with."""
+        return {
+            key: self.originals.get(key, {}).get(value, value) if isinstance(value, str) else value
+            for key, value in config.items()
+        }
+
+
+def mask_space(space: Space) -> MaskedSpace:
+    """``space`` with every secret-holding ``choice``/``grid`` value replaced by a placeholder (ranges
+    hold numbers only)."""
+    shown_space: dict[str, tuple[str, list[Any]]] = {}
+    originals: dict[str, dict[str, Any]] = {}
+    for key, (op, args) in space.items():
+        shown = list(args)
+        if op in LISTED:
+            for index, value in enumerate(args):
+                masked = redact({key: value})[key]  # a secret-named key masks its whole value
+                if masked != value:
+                    text = masked if isinstance(masked, str) else json.dumps(masked, default=str)
+                    shown[index] = f"{text} #{index + 1}"
+                    originals.setdefault(key, {})[shown[index]] = value
+        shown_space[key] = (op, shown)
+    return MaskedSpace(space=shown_space, originals=originals)
 
 
 def values_to_check(op: str, args: Sequence[Any], *, seed: int = 0) -> list[Any]:
@@ -192,21 +235,27 @@ def num_trials(space: Space, num_samples: int) -> int:
 
 @dataclass(frozen=True)
 class TrialBudget:
-    """Resources one trial holds (its driver function + its Train workers) and how many run at once."""
+    """Resources one trial holds (its driver function + its Train workers), how many run at once and,
+    when the search waits for an autoscaler, the line saying what is pending (else None)."""
 
     driver: dict[str, float]
     worker: dict[str, float]
     per_trial: dict[str, float]
     max_concurrent: int
+    pending: str | None = None
 
 
-def worker_resources(resources_per_worker: Mapping[str, float], use_gpu: bool) -> dict[str, float]:
-    """What Ray Train reserves per worker: ``resources_per_worker`` without zero amounts, plus 1 GPU when
-    ``use_gpu`` and no GPU amount is given (as ``ray.train.ScalingConfig`` does in Ray 2.60)."""
-    bundle = {name: float(amount) for name, amount in resources_per_worker.items() if amount != 0}
-    if use_gpu:
-        bundle.setdefault("GPU", 1.0)
-    return bundle
+def require_concurrency_when_waiting(wait_for_resources: bool, max_concurrent_trials: int | None) -> None:
+    """With ``scaling.wait_for_resources`` a search waits for an autoscaler, so the cluster's size now
+    cannot say how many trials to run at once: ``tune.max_concurrent_trials`` must (checked before Ray
+    starts, the same on any cluster)."""
+    if wait_for_resources and max_concurrent_trials is None:
+        raise SearchSpaceError(
+            "tune.max_concurrent_trials is null, but scaling.wait_for_resources=true lets the search wait "
+            "for the cluster's autoscaler, so the cluster's size now cannot set how many trials run at "
+            "once: set it (e.g. --set tune.max_concurrent_trials=2; each trial holds its driver and "
+            "scaling.num_workers workers), or set scaling.wait_for_resources=false."
+        )
 
 
 def plan_budget(
@@ -219,16 +268,26 @@ def plan_budget(
     total_trials: int,
     use_gpu: bool = False,
     nodes: Sequence[Mapping[str, float]] | None = None,
+    wait_for_resources: bool = False,
+    local: bool = False,
 ) -> TrialBudget:
     """Concurrency such that ``trials x (driver + workers)`` fits ``cluster`` (``ray.cluster_resources()``)
     and its ``nodes`` (each alive node's resources from ``ray.nodes()``; default: one node holding all).
 
     Raises SearchSpaceError when a single trial cannot fit: Tune would wait for it forever. That is
-    the case when the cluster's totals are too small, or when one worker (or the trial's driver) is
-    bigger than every node (a Ray bundle never spans nodes). The concurrency is what fits when trials are
-    packed node by node (first fit), never more than the totals allow; a requested
-    ``max_concurrent_trials`` above it is lowered to it. Computed from the resources at this moment.
+    the case when the cluster's totals are too small, when one worker (or the trial's driver) is bigger
+    than every node (a Ray bundle never spans nodes), or when the nodes cannot place ``num_workers``
+    workers. The concurrency is what fits when trials are packed node by node (first fit), never more
+    than the totals allow; a requested ``max_concurrent_trials`` above it is lowered to it. Computed
+    from the resources at this moment.
+
+    wait_for_resources, on a cluster that can grow (not ``local``, a Ray that ``knet`` started in this
+    process): nothing is refused for size; ``requested_concurrency`` (then required) trials run at once,
+    at most ``total_trials``, and ``pending`` says what waits for the autoscaler when fewer fit now.
     """
+    from knet_platform.ray_runtime import bundles_on_node, packed_groups, placeable_workers, worker_resources
+
+    require_concurrency_when_waiting(wait_for_resources, requested_concurrency)
     nodes = [dict(node) for node in nodes] if nodes is not None else [dict(cluster)]
     worker = worker_resources(resources_per_worker, use_gpu)
     driver = {"CPU": float(driver_cpus)} if driver_cpus > 0 else {}
@@ -238,63 +297,71 @@ def plan_budget(
     gpu_note = (
         " (+ 1 GPU per worker for scaling.use_gpu)" if use_gpu and "GPU" not in resources_per_worker else ""
     )
+    problem = None
     for name, bundle in (("Train worker", worker), ("trial driver", driver)):
-        if bundle and not any(_fits(bundle, node) for node in nodes):
-            shapes = sorted({_fmt_resources({r: node.get(r, 0.0) for r in bundle}) for node in nodes})
-            largest = "; ".join(shapes[:4]) + ("; ..." if len(shapes) > 4 else "")
-            raise SearchSpaceError(
+        if problem is None and bundle and not any(bundles_on_node(bundle, node) for node in nodes):
+            problem = (
                 f"one {name} needs {_fmt_resources(bundle)} (scaling.resources_per_worker="
                 f"{dict(resources_per_worker)}{gpu_note}, tune.trial_driver_cpus={driver_cpus:g}), but no "
-                f"Ray node has that much (a worker runs on one node; the nodes have: {largest}); no trial "
-                "could ever start. Lower scaling.resources_per_worker or use bigger nodes."
+                f"Ray node has that much (a worker runs on one node; the nodes have: "
+                f"{_node_shapes(nodes, bundle)}); no trial could ever start. Lower "
+                "scaling.resources_per_worker or use bigger nodes."
             )
-    fits = math.inf
-    for resource, amount in per_trial.items():
-        if amount > 0:
-            fits = min(fits, math.floor(float(cluster.get(resource, 0.0)) / amount + 1e-9))
-    if fits < 1:
+    room = placeable_workers(nodes, worker)
+    if problem is None and room < num_workers:
+        problem = (
+            f"one trial needs scaling.num_workers={num_workers} workers of {_fmt_resources(worker)}"
+            f"{gpu_note}, but the Ray nodes have room for {room} (a worker runs on one node; the nodes "
+            f"have: {_node_shapes(nodes, worker)}); no trial could ever start. Lower scaling.num_workers "
+            "or scaling.resources_per_worker, or use bigger nodes."
+        )
+    by_totals = bundles_on_node(per_trial, cluster)
+    if problem is None and by_totals < 1:
         has = ", ".join(f"{float(cluster.get(r, 0.0)):g} {r}" for r in per_trial)
-        raise SearchSpaceError(
+        problem = (
             f"one trial needs {_fmt_resources(per_trial)} (its driver: {driver_cpus:g} CPU + "
             f"scaling.num_workers={num_workers} x {worker}{gpu_note}), but the Ray cluster has {has}; no "
             "trial could ever start. Lower scaling.num_workers or scaling.resources_per_worker, or "
             "tune.trial_driver_cpus, or use a bigger cluster."
         )
-    limit = int(min(fits, max(total_trials, 1)))
-    # never below 1: the checks above found no proof that a trial cannot fit, only first fit failing
-    limit = min(limit, max(_packed_trials(nodes, driver, worker, num_workers, limit=limit), 1))
-    if requested_concurrency is not None:
-        limit = min(limit, requested_concurrency)
+    trials = max(total_trials, 1)
+    fits_now = 0
+    if problem is None:
+        fits_now = min(by_totals, trials)
+        # never below 1: the checks above found no proof that a trial cannot fit, only first fit failing
+        group = [driver, *([worker] * num_workers)]
+        fits_now = min(fits_now, max(packed_groups(nodes, group, limit=fits_now), 1))
+    if wait_for_resources and not local:
+        assert requested_concurrency is not None  # require_concurrency_when_waiting
+        concurrency = min(requested_concurrency, trials)
+        pending = None
+        if fits_now < concurrency:
+            pending = (
+                f"waiting for resources: each trial holds {_fmt_resources(per_trial)} (its driver and "
+                f"scaling.num_workers={num_workers} x {_fmt_resources(worker)}); the cluster's {len(nodes)} "
+                f"node(s) ({_node_shapes(nodes, per_trial)}) fit {fits_now} trial(s) now. "
+                f"scaling.wait_for_resources is true, so up to {concurrency} trials "
+                "(tune.max_concurrent_trials) start as the autoscaler adds nodes and the others wait in "
+                "Tune's queue; stop with Ctrl-C or `ray job stop`."
+            )
+        return TrialBudget(driver, worker, per_trial, max_concurrent=concurrency, pending=pending)
+    if problem is not None:
+        if wait_for_resources:
+            problem += " scaling.wait_for_resources has no effect on a local Ray, which never grows."
+        elif not local:
+            problem += (
+                " If the cluster autoscales, set scaling.wait_for_resources=true (and "
+                "tune.max_concurrent_trials) to wait for its nodes."
+            )
+        raise SearchSpaceError(problem)
+    limit = fits_now if requested_concurrency is None else min(fits_now, requested_concurrency)
     return TrialBudget(driver=driver, worker=worker, per_trial=per_trial, max_concurrent=max(limit, 1))
 
 
-def _packed_trials(
-    nodes: list[dict[str, float]],
-    driver: dict[str, float],
-    worker: dict[str, float],
-    num_workers: int,
-    limit: int,
-) -> int:
-    """How many whole trials (driver + workers) first-fit packing places on ``nodes``, up to ``limit``."""
-    free = [dict(node) for node in nodes]
-    placed = 0
-    while placed < limit:
-        trial_free = [dict(node) for node in free]
-        for bundle in [driver, *([worker] * num_workers)]:
-            if not bundle:
-                continue
-            node = next((n for n in trial_free if _fits(bundle, n)), None)
-            if node is None:
-                return placed
-            for resource, amount in bundle.items():
-                node[resource] = node.get(resource, 0.0) - amount
-        free = trial_free
-        placed += 1
-    return placed
-
-
-def _fits(bundle: Mapping[str, float], node: Mapping[str, float]) -> bool:
-    return all(float(node.get(resource, 0.0)) + 1e-9 >= amount for resource, amount in bundle.items())
+def _node_shapes(nodes: Sequence[Mapping[str, float]], resources: Mapping[str, float]) -> str:
+    """The nodes' distinct amounts of ``resources``, for messages (at most 4 shown)."""
+    shapes = sorted({_fmt_resources({r: float(node.get(r, 0.0)) for r in resources}) for node in nodes})
+    return "; ".join(shapes[:4]) + ("; ..." if len(shapes) > 4 else "")
 
 
 def _fmt_resources(resources: Mapping[str, float]) -> str:

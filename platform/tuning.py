@@ -6,12 +6,19 @@ ASHA sees each epoch and can stop the trial). MLflow gets one parent run for the
 run per trial; the driver ends a trial's child run when Tune finishes, stops or loses the trial, so a
 trial stopped early ends FINISHED (tagged ``knet.stopped_early``), not FAILED. At the end the best
 trial's best checkpoint becomes a registered model version, and the alias moves only if it wins.
+
+Secrets (``knet_platform.redaction``) are masked in everything a search sends to MLflow, Tune or the
+terminal: the space's secret-holding values reach Tune as placeholders (``search_space.MaskedSpace``),
+so Tune's printed trial configurations, status table and trial results never hold them, and a trial
+gets the real value inside its own process. (Tune's restore file ``tuner.pkl`` pickles this module's
+callback, which holds the experiment and the tracking URI as they are.)
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import tempfile
 import time
 import uuid
@@ -20,18 +27,23 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from knet_platform.checkpointing import load_checkpoint
+from knet_platform.errors import KnetUserError
 from knet_platform.knet_adapter import build_datasets, prepare_data, write_bundle
 from knet_platform.ray_runtime import start_ray, stop_ray
+from knet_platform.redaction import redact, redact_text
 from knet_platform.registry import RegisteredModel, log_and_register
 from knet_platform.search_space import (
+    MaskedSpace,
     SearchSpaceError,
     TrialBudget,
     check_value_type,
     combinations_to_check,
     field_type,
+    mask_space,
     num_trials,
     param_space,
     plan_budget,
+    require_concurrency_when_waiting,
     resolve_space,
     values_to_check,
 )
@@ -51,13 +63,20 @@ from ray.tune import Callback
 if TYPE_CHECKING:
     from knet_platform.experiment import Experiment
 
-SEARCH_RECORD = "knet_search.json"  # next to the Tune results: which search and MLflow run to resume
+# next to the Tune results: which search and MLflow run to resume, with the tracking URI in its masked
+# form (resume compares masked forms, as a plain run's record does)
+SEARCH_RECORD = "knet_search.json"
 TRIAL_TAG, SEARCH_TAG = "knet.trial_id", "knet.search"
+
+
+class NothingToResumeError(KnetUserError, FileNotFoundError):
+    """``--resume`` found no search of this experiment to continue."""
 
 
 @dataclass(frozen=True)
 class TrialRecord:
-    """One trial as the summary table shows it."""
+    """One trial as the summary table shows it; ``overrides`` are Tune's values (a secret-holding value
+    as its placeholder, see ``MaskedSpace``)."""
 
     trial_id: str
     overrides: dict[str, Any]
@@ -93,7 +112,7 @@ class SearchSummary:
         rows = [
             [
                 trial.trial_id,
-                *(_short(trial.overrides.get(key)) for key in keys),
+                *(redact_text(_short(trial.overrides.get(key))) for key in keys),
                 f"{trial.metric:.4f}",
                 str(trial.epochs),
                 trial.status,
@@ -110,7 +129,8 @@ class SearchSummary:
         if self.registered is not None:
             lines.append(f"  model version    {self.registered.model_uri}")
             lines.append(f"  champion         {self.registered.alias_uri} ({self.registered.reason})")
-        lines.append(f"  tune results     {self.results_path} (tensorboard --logdir {self.results_path})")
+        results = redact_text(self.results_path)
+        lines.append(f"  tune results     {results} (tensorboard --logdir {results})")
         lines.append(f"  mlflow ui        {self.mlflow_ui_command}")
         return "\n".join(lines)
 
@@ -126,10 +146,13 @@ def run_search(experiment: Experiment, *, resume: bool = False) -> SearchSummary
 
     settings = experiment.tune
     if settings is None:
-        raise ValueError("the experiment has no tune section; run it with knet run as a single training run")
+        raise SearchSpaceError(
+            "the experiment has no tune section; run it with knet run as a single training run"
+        )
     metric, mode = _metric_and_mode(experiment)
-    space = _space_of(experiment)
     validate_search(experiment)
+    space = _space_of(experiment)
+    masked = mask_space(space)  # what Tune sees, prints and stores
     target = resolve_tracking(experiment)
     check_tracking_reachable(target.tracking_uri)
     prepare_data(experiment)
@@ -148,6 +171,8 @@ def run_search(experiment: Experiment, *, resume: bool = False) -> SearchSummary
             driver_cpus=settings.trial_driver_cpus,
             requested_concurrency=settings.max_concurrent_trials,
             total_trials=num_trials(space, settings.num_samples),
+            wait_for_resources=scaling.wait_for_resources,
+            local=runtime.local,
         )
         concurrency = budget.max_concurrent
         if record is not None:
@@ -162,18 +187,18 @@ def run_search(experiment: Experiment, *, resume: bool = False) -> SearchSummary
                     f"its first start; the cluster now fits {budget.max_concurrent} trials at once"
                 )
         else:
-            search_name = f"{experiment.name}-search-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-            parent_run_id = create_run(target, search_name, tags={SEARCH_TAG: search_name})
-            _write_record(target, experiment.name, search_name, parent_run_id, budget.max_concurrent)
-            log_experiment(target.tracking_uri, parent_run_id, experiment)
+            search_name, parent_run_id = _start_search(experiment, target, budget.max_concurrent)
         print(
             f"search {search_name}: {num_trials(space, settings.num_samples)} trials, up to "
             f"{concurrency or '?'} at once, each holding {_fmt(budget.per_trial)}"
         )
+        if budget.pending is not None:
+            print(budget.pending, flush=True)
         trainable = tune.with_resources(
             tune.with_parameters(
                 _run_trial,
                 base=experiment.to_dict(),
+                masked=masked,
                 tracking=asdict(target),
                 parent_run_id=parent_run_id,
                 search_name=search_name,
@@ -182,9 +207,9 @@ def run_search(experiment: Experiment, *, resume: bool = False) -> SearchSummary
         )
         results_path = f"{target.storage_path.rstrip('/')}/{search_name}"
         try:
-            tuner = _tuner(experiment, trainable, space, budget, search_name, target, parent_run_id, resume)
+            tuner = _tuner(experiment, trainable, masked, budget, search_name, target, parent_run_id, resume)
             grid = tuner.fit()
-            summary = _summarise(experiment, grid, metric, mode, target, parent_run_id, results_path)
+            summary = _summarise(experiment, grid, masked, target, parent_run_id, results_path)
         except KeyboardInterrupt:
             end_run(target.tracking_uri, parent_run_id, "KILLED")
             raise
@@ -248,7 +273,18 @@ def validate_search(experiment: Experiment) -> None:
         )
     if settings.trial_driver_cpus <= 0:
         raise SearchSpaceError("tune.trial_driver_cpus must be > 0 (each trial's driver holds a CPU share)")
+    require_concurrency_when_waiting(experiment.scaling.wait_for_resources, settings.max_concurrent_trials)
     validate_for_training(experiment)
+
+
+def _start_search(experiment: Experiment, target: TrackingTarget, max_concurrent: int) -> tuple[str, str]:
+    """A new search: its name, its MLflow parent run (params and the resolved YAML, secrets masked) and
+    the record ``--resume`` reads; returns (search name, parent run id)."""
+    search_name = f"{experiment.name}-search-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    parent_run_id = create_run(target, search_name, tags={SEARCH_TAG: search_name})
+    _write_record(target, experiment.name, search_name, parent_run_id, max_concurrent)
+    log_experiment(target.tracking_uri, parent_run_id, experiment)
+    return search_name, parent_run_id
 
 
 def _check_scheduler(experiment: Experiment) -> None:
@@ -291,18 +327,20 @@ def _run_trial(
     config: dict[str, Any],
     *,
     base: dict[str, Any],
+    masked: MaskedSpace,
     tracking: dict[str, Any],
     parent_run_id: str,
     search_name: str,
 ) -> None:
-    """One trial (runs in its own Tune actor): the base experiment with this trial's values, trained
-    as a Ray Train run whose rank 0 logs into the trial's MLflow child run."""
+    """One trial (runs in its own Tune actor): the base experiment with this trial's values (``config``
+    holds Tune's placeholders; ``masked`` gives the real values back), trained as a Ray Train run whose
+    rank 0 logs into the trial's MLflow child run."""
     from knet_platform.experiment import Experiment
     from knet_platform.trainer import build_trainer
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    experiment = Experiment.from_dict(base).with_overrides(config)
+    experiment = Experiment.from_dict(base).with_overrides(masked.reveal(config))
     target = TrackingTarget(**tracking)
     context = tune.get_context()
     trial_id = context.get_trial_id()
@@ -316,11 +354,8 @@ def _run_trial(
         )
     else:
         reopen_run(target.tracking_uri, run_id)
-    log_experiment(target.tracking_uri, run_id, experiment)
-    client = MlflowClient(tracking_uri=target.tracking_uri)
-    client.set_tag(run_id, "knet.trial_overrides", json.dumps(config, sort_keys=True, default=str))
     run_name = f"{search_name}-{trial_id}"
-    client.set_tag(run_id, "knet.checkpoints", f"{target.storage_path.rstrip('/')}/{run_name}")
+    _log_trial(target, run_id, experiment, config, run_name)
     trainer = build_trainer(
         experiment,
         run_name=run_name,
@@ -335,10 +370,23 @@ def _run_trial(
     trainer.fit()
 
 
+def _log_trial(
+    target: TrackingTarget, run_id: str, experiment: Experiment, config: dict[str, Any], run_name: str
+) -> None:
+    """What a trial records in its child run before training, secrets masked: params and the resolved
+    YAML, its values (``knet.trial_overrides``) and its checkpoint folder (``knet.checkpoints``)."""
+    log_experiment(target.tracking_uri, run_id, experiment)
+    client = MlflowClient(tracking_uri=target.tracking_uri)
+    client.set_tag(
+        run_id, "knet.trial_overrides", json.dumps(redact(dict(config)), sort_keys=True, default=str)
+    )
+    client.set_tag(run_id, "knet.checkpoints", redact_text(f"{target.storage_path.rstrip('/')}/{run_name}"))
+
+
 def _tuner(
     experiment: Experiment,
     trainable: Any,
-    space: dict[str, tuple[str, list[Any]]],
+    masked: MaskedSpace,
     budget: TrialBudget,
     search_name: str,
     target: TrackingTarget,
@@ -353,15 +401,16 @@ def _tuner(
     if resume:
         path = f"{target.storage_path.rstrip('/')}/{search_name}"
         if not tune.Tuner.can_restore(path):
-            raise FileNotFoundError(
-                f"nothing to resume at {path}: the search never saved its state. Start it without --resume."
+            raise NothingToResumeError(
+                f"nothing to resume at {redact_text(path)}: the search never saved its state. Start it "
+                "without --resume."
             )
         # Trials that failed stay failed (their error is recorded); unfinished ones continue.
         # Tune restores the first start's TuneConfig (scheduler, max_concurrent_trials) with the state.
         return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False)
     return tune.Tuner(
         trainable,
-        param_space=param_space(space),
+        param_space=param_space(masked.space),
         tune_config=tune.TuneConfig(
             metric=metric,
             mode=mode,
@@ -427,20 +476,20 @@ class TrialRunCloser(Callback):
             return  # the trial failed before creating its run
         client = MlflowClient(tracking_uri=self.target.tracking_uri)
         for key, value in tags.items():
-            client.set_tag(run_id, key, value)
+            client.set_tag(run_id, key, redact_text(value))
         end_run(self.target.tracking_uri, run_id, status)
 
 
 def _summarise(
     experiment: Experiment,
     grid: Any,
-    metric: str,
-    mode: str,
+    masked: MaskedSpace,
     target: TrackingTarget,
     parent_run_id: str,
     results_path: str,
 ) -> SearchSummary:
     """The trial table from Tune's results, and the best trial's model registered."""
+    metric, mode = _metric_and_mode(experiment)
     trials = []
     for result in grid:
         trial_id = str(result.metrics.get("trial_id") or Path(result.path).name)
@@ -463,23 +512,13 @@ def _summarise(
             )
         )
     trials.sort(key=lambda trial: trial.trial_id)
-    client = MlflowClient(tracking_uri=target.tracking_uri)
-    for trial in trials:  # the exact checkpoint, next to knet.checkpoints (the trial's run folder)
-        if trial.mlflow_run_id is not None and trial.checkpoint is not None:
-            client.set_tag(trial.mlflow_run_id, "knet.best_checkpoint", trial.checkpoint)
     candidates = [t for t in trials if t.checkpoint is not None and not math.isnan(t.metric)]
     pick = max if mode == "max" else min
     best = pick(candidates, key=lambda trial: trial.metric) if candidates else None
-
-    client.log_text(
-        parent_run_id, json.dumps([asdict(t) for t in trials], indent=2, default=str), "trials.json"
-    )
+    _log_results(target, parent_run_id, trials, best, metric)
     registered = None
     if best is not None:
-        client.set_tag(parent_run_id, "knet.best_trial", best.trial_id)
-        client.set_tag(parent_run_id, "knet.best_trial_run_id", str(best.mlflow_run_id))
-        client.log_metric(parent_run_id, f"best/{metric}", best.metric)
-        registered = _register_best(experiment, best, metric, mode, target, parent_run_id)
+        registered = _register_best(experiment, best, masked, target, parent_run_id)
     return SearchSummary(
         metric=metric,
         mode=mode,
@@ -492,17 +531,39 @@ def _summarise(
     )
 
 
+def _log_results(
+    target: TrackingTarget,
+    parent_run_id: str,
+    trials: list[TrialRecord],
+    best: TrialRecord | None,
+    metric: str,
+) -> None:
+    """The search's results in MLflow, secrets masked: each trial's exact best checkpoint (tag
+    ``knet.best_checkpoint``, next to ``knet.checkpoints``), the parent's ``trials.json`` and its best
+    trial (tags and ``best/<metric>``)."""
+    client = MlflowClient(tracking_uri=target.tracking_uri)
+    for trial in trials:
+        if trial.mlflow_run_id is not None and trial.checkpoint is not None:
+            client.set_tag(trial.mlflow_run_id, "knet.best_checkpoint", redact_text(trial.checkpoint))
+    table = json.dumps(redact([asdict(t) for t in trials]), indent=2, default=str)
+    client.log_text(parent_run_id, table, "trials.json")
+    if best is not None:
+        client.set_tag(parent_run_id, "knet.best_trial", best.trial_id)
+        client.set_tag(parent_run_id, "knet.best_trial_run_id", str(best.mlflow_run_id))
+        client.log_metric(parent_run_id, f"best/{metric}", best.metric)
+
+
 def _register_best(
     experiment: Experiment,
     best: TrialRecord,
-    metric: str,
-    mode: str,
+    masked: MaskedSpace,
     target: TrackingTarget,
     parent_run_id: str,
 ) -> RegisteredModel:
     from ray.train import Checkpoint
 
-    trial_experiment = experiment.with_overrides(best.overrides)
+    metric, mode = _metric_and_mode(experiment)
+    trial_experiment = experiment.with_overrides(masked.reveal(best.overrides))
     with tempfile.TemporaryDirectory(prefix="knet-search-") as scratch:
         with Checkpoint(best.checkpoint).as_directory() as folder:
             state = load_checkpoint(folder)
@@ -568,9 +629,9 @@ def _stopped_early(experiment: Experiment, epochs: int) -> bool:
 
 def _record_path(target: TrackingTarget, experiment_name: str) -> Path:
     if "://" in target.storage_path:
-        raise ValueError(
+        raise SearchSpaceError(
             f"--resume keeps its search record next to the Tune results, which needs a local or mounted "
-            f"tracking.storage_path (got {target.storage_path})."
+            f"tracking.storage_path (got {redact_text(target.storage_path)})."
         )
     return Path(target.storage_path) / f"{experiment_name}.{SEARCH_RECORD}"
 
@@ -579,31 +640,36 @@ def _write_record(
     target: TrackingTarget, experiment_name: str, search_name: str, run_id: str, max_concurrent: int
 ) -> None:
     if "://" in target.storage_path:
-        print(f"note: tracking.storage_path {target.storage_path} is remote; this search cannot be --resumed")
+        shown = redact_text(target.storage_path)
+        print(f"note: tracking.storage_path {shown} is remote; this search cannot be --resumed")
         return
     path = _record_path(target, experiment_name)
     path.parent.mkdir(parents=True, exist_ok=True)
     record = {
         "search_name": search_name,
         "mlflow_run_id": run_id,
-        "tracking_uri": target.tracking_uri,
+        "tracking_uri": redact_text(target.tracking_uri),
         "max_concurrent_trials": max_concurrent,  # what Tune will restore on --resume
     }
-    path.write_text(json.dumps(record, indent=2))
+    # temp file + rename: a driver killed mid-write leaves the previous record whole, never half of one
+    partial = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    partial.write_text(json.dumps(record, indent=2))
+    os.replace(partial, path)
 
 
-def _latest_record(target: TrackingTarget, experiment_name: str) -> dict[str, str]:
+def _latest_record(target: TrackingTarget, experiment_name: str) -> dict[str, Any]:
     path = _record_path(target, experiment_name)
     if not path.is_file():
-        raise FileNotFoundError(
+        raise NothingToResumeError(
             f"nothing to resume: no search of {experiment_name!r} was recorded under {target.storage_path} "
-            f"({path.name} is missing). Start it without --resume."
+            f"({path.name} is missing). Start it without --resume (or set the KNET_HOME or "
+            "tracking.storage_path the search was started with)."
         )
     record = json.loads(path.read_text())
-    if record["tracking_uri"] != target.tracking_uri:
-        raise ValueError(
-            f"the search to resume logged to {record['tracking_uri']}, but tracking.uri is now "
-            f"{target.tracking_uri}; resume with the same tracking.uri."
+    if redact_text(record["tracking_uri"]) != redact_text(target.tracking_uri):
+        raise SearchSpaceError(
+            f"the search to resume logged to {redact_text(record['tracking_uri'])}, but tracking.uri is now "
+            f"{redact_text(target.tracking_uri)}; resume with the same tracking.uri."
         )
     return record
 

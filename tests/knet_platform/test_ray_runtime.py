@@ -15,8 +15,8 @@ GPU_NODE = {"CPU": 8.0, "GPU": 1.0}
 
 
 def test_a_worker_takes_what_ray_train_reserves_for_it_on_one_node() -> None:
-    assert worker_resources(ScalingConfig(resources_per_worker={"CPU": 4, "GPU": 0})) == {"CPU": 4.0}
-    assert worker_resources(ScalingConfig(use_gpu=True)) == {"CPU": 1.0, "GPU": 1.0}
+    assert worker_resources({"CPU": 4, "GPU": 0}, use_gpu=False) == {"CPU": 4.0}
+    assert worker_resources({"CPU": 1}, use_gpu=True) == {"CPU": 1.0, "GPU": 1.0}
     assert placeable_workers(TWO_CPU_NODES, {"CPU": 1.0}) == 4
     assert placeable_workers(TWO_CPU_NODES, {"CPU": 3.0}) == 0  # 4 CPUs in all, but 2 per node
     assert placeable_workers(TWO_CPU_NODES, {"CPU": 0.75}) == 4  # 2 per node, fractions included

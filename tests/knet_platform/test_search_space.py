@@ -14,6 +14,7 @@ from knet_platform.search_space import (
     check_value_type,
     combinations_to_check,
     field_type,
+    mask_space,
     num_trials,
     param_space,
     plan_budget,
@@ -318,3 +319,82 @@ def test_use_gpu_without_a_gpu_amount_counts_the_gpu_ray_train_adds():
         SearchSpaceError, match=r"1 GPU per worker for scaling\.use_gpu.*no trial could ever start"
     ):
         plan_budget({"CPU": 16.0}, resources_per_worker={"CPU": 1.0}, use_gpu=True, **common)
+
+
+def test_a_trial_whose_workers_the_nodes_cannot_all_place_is_refused():
+    # 3 nodes of 2 CPUs hold one 1.2-CPU worker each: 6 CPUs in all, but never a trial of 4 workers
+    with pytest.raises(
+        SearchSpaceError, match=r"num_workers=4 workers of 1\.2 CPU.*room for 3.*could ever start"
+    ):
+        plan_budget(
+            {"CPU": 6.0},
+            nodes=[{"CPU": 2.0}] * 3,
+            num_workers=4,
+            resources_per_worker={"CPU": 1.2},
+            driver_cpus=0.25,
+            requested_concurrency=None,
+            total_trials=2,
+        )
+
+
+GPU_TRIAL = {"num_workers": 2, "resources_per_worker": {"CPU": 4.0}, "use_gpu": True, "driver_cpus": 0.25}
+
+
+def test_with_wait_for_resources_a_trial_no_node_holds_waits_at_the_requested_concurrency():
+    cpu_head = {"CPU": 4.0}  # an autoscaling cluster that starts with no GPU worker
+    common = {"nodes": [cpu_head], "total_trials": 8, **GPU_TRIAL}
+    with pytest.raises(
+        SearchSpaceError, match=r"no Ray node has that much.*set scaling\.wait_for_resources=true"
+    ):
+        plan_budget(cpu_head, requested_concurrency=3, **common)
+    budget = plan_budget(cpu_head, requested_concurrency=3, wait_for_resources=True, **common)
+    assert budget.max_concurrent == 3 and budget.per_trial == {"CPU": 8.25, "GPU": 2.0}
+    assert budget.pending.startswith("waiting for resources: each trial holds 8.25 CPU, 2 GPU")
+    assert "fit 0 trial(s) now" in budget.pending and "up to 3 trials" in budget.pending
+    # never more than the trials; nothing pending once the nodes are there
+    gpu_nodes = [{"CPU": 32.0, "GPU": 4.0}] * 4  # 2 trials each
+    grown = plan_budget(
+        {"CPU": 128.0, "GPU": 16.0},
+        requested_concurrency=12,
+        wait_for_resources=True,
+        **{**common, "nodes": gpu_nodes},
+    )
+    assert grown.max_concurrent == 8 and grown.pending is None
+    # a local Ray never grows: refused as without the flag, saying the flag does nothing there
+    with pytest.raises(SearchSpaceError, match=r"wait_for_resources has no effect on a local Ray"):
+        plan_budget(cpu_head, requested_concurrency=3, wait_for_resources=True, local=True, **common)
+
+
+def test_wait_for_resources_needs_max_concurrent_trials_to_size_a_search():
+    with pytest.raises(SearchSpaceError, match=r"tune\.max_concurrent_trials is null, but scaling\.wait_for"):
+        plan_budget(
+            {"CPU": 64.0, "GPU": 8.0},
+            requested_concurrency=None,
+            wait_for_resources=True,
+            total_trials=8,
+            **GPU_TRIAL,
+        )
+
+
+def test_secret_space_values_reach_tune_as_placeholders_and_trials_get_them_back():
+    space = {
+        "tracking.artifact_location": (
+            "choice",
+            ["s3://b/a?X-Amz-Signature=s1gn", "https://bob:k-42@h/b", "/plain"],
+        ),
+        "data.api_key": ("grid", ["k1", "k2"]),
+        "train.lr": ("loguniform", [1e-4, 1e-3]),
+    }
+    masked = mask_space(space)
+    assert masked.space == {
+        "tracking.artifact_location": (
+            "choice", ["s3://b/a?X-Amz-Signature=*** #1", "https://***@h/b #2", "/plain"]
+        ),
+        "data.api_key": ("grid", ["*** #1", "*** #2"]),  # a secret-named key: the whole value
+        "train.lr": ("loguniform", [1e-4, 1e-3]),
+    }  # fmt: skip
+    config = {"tracking.artifact_location": "https://***@h/b #2", "data.api_key": "*** #1", "train.lr": 3e-4}
+    assert masked.reveal(config) == {
+        "tracking.artifact_location": "https://bob:k-42@h/b", "data.api_key": "k1", "train.lr": 3e-4
+    }  # fmt: skip
+    assert mask_space({"model.num_proposals": ("choice", [8, 16])}).originals == {}

@@ -8,7 +8,12 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.knet_platform.tiny_run import REPO, load_tiny, start_local_ray, tune_overrides
+from tests.knet_platform.test_cli import assert_one_error_line, knet_run
+from tests.knet_platform.tiny_run import REPO, load_tiny, start_local_ray, tiny_overrides, tune_overrides
+
+SECRETS = ("hunter2", "abc123", "k-42", "s1gn")
+SECRET_URI = "https://alice:hunter2@mlflow.example.com/?token=abc123"
+SECRET_LOCATIONS = ("s3://bucket/a?X-Amz-Signature=s1gn", "https://bob:k-42@store/b")
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +122,127 @@ def test_optuna_searches_that_cannot_run_are_refused_before_ray_or_mlflow_start(
     with pytest.raises(SearchSpaceError, match=message):
         tuning.run_search(experiment)
     assert not (tmp_path / "mlflow.db").exists()  # no parent run was created (and none left FAILED)
+
+
+def test_a_search_waiting_for_an_autoscaler_without_max_concurrent_trials_is_one_error_line_before_ray(
+    tmp_path: Path,
+) -> None:
+    overrides = [
+        *tiny_overrides(tmp_path, workers=1),
+        *tune_overrides(lrs=[1e-3, 5e-4]),
+        "scaling.wait_for_resources=true",
+        "tune.max_concurrent_trials=null",
+    ]
+    run = knet_run(
+        tmp_path, str(REPO / "experiments" / "quickstart.yaml"), *(f"--set={o}" for o in overrides)
+    )
+    line = assert_one_error_line(
+        run, "tune.max_concurrent_trials is null, but scaling.wait_for_resources=true"
+    )
+    assert "--set tune.max_concurrent_trials=2" in line
+    assert not run.ray_started and not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.mlflow
+def test_no_secret_of_tracking_uri_or_a_trial_value_reaches_the_searchs_mlflow_record_or_stdout(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """What a search writes, through the functions run_search and its trials call (no Ray): the parent
+    run, the --resume record, a trial's child run and tags, a trial's error, the results, the table."""
+    import json
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from knet_platform.errors import KnetUserError
+    from knet_platform.search_space import SearchSpaceError, mask_space
+    from knet_platform.tracking import create_run, resolve_tracking
+    from knet_platform.tuning import (
+        SEARCH_TAG,
+        TRIAL_TAG,
+        NothingToResumeError,
+        SearchSummary,
+        TrialRecord,
+        TrialRunCloser,
+        _latest_record,
+        _log_results,
+        _log_trial,
+        _space_of,
+        _start_search,
+        _write_record,
+    )
+
+    space = (
+        f"{{train.lr: {{grid: [1.0e-3]}}, tracking.artifact_location: {{choice: {list(SECRET_LOCATIONS)}}}}}"
+    )
+    experiment = load_tiny(tmp_path, *tune_overrides(lrs=[1e-3]), f"tune.space={space}", workers=1)
+    target = resolve_tracking(experiment)  # a local store; the experiment's own tracking.uri is only logged
+    experiment = experiment.with_overrides({"tracking.uri": SECRET_URI})
+    masked = mask_space(_space_of(experiment))
+
+    search_name, parent_run_id = _start_search(experiment, target, max_concurrent=1)
+    config = {
+        "train.lr": 1e-3,
+        "tracking.artifact_location": masked.space["tracking.artifact_location"][1][1],
+    }
+    trial_experiment = experiment.with_overrides(masked.reveal(config))
+    assert trial_experiment.tracking.artifact_location == SECRET_LOCATIONS[1]  # the trial gets the real value
+    run_id = create_run(
+        target, "trial", parent_run_id=parent_run_id, tags={TRIAL_TAG: "t1", SEARCH_TAG: search_name}
+    )
+    remote = replace(target, storage_path=f"{SECRET_LOCATIONS[0]}&x=1")  # a signed storage URL
+    _log_trial(remote, run_id, trial_experiment, config, f"{search_name}-t1")
+    error_file = tmp_path / "outside" / "error.txt"
+    error_file.parent.mkdir()
+    error_file.write_text(f"ConnectionError: {SECRET_URI} refused")
+    failed = SimpleNamespace(trial_id="t1", pickled_error_file=None, error_file=str(error_file))
+    TrialRunCloser(target, parent_run_id, experiment).on_trial_error(0, [], failed)
+    trial = TrialRecord("t1", config, "ERROR", 0.5, 1, run_id, f"{SECRET_LOCATIONS[1]}/ckpt", SECRET_URI)
+    _log_results(target, parent_run_id, [trial], trial, "train/loss")
+    summary = SearchSummary(
+        "train/loss", "min", [trial], trial, parent_run_id, remote.storage_path, "ui", None
+    )
+    print(summary.render())
+    _write_record(remote, experiment.name, search_name, parent_run_id, 1)  # prints a note, writes nothing
+
+    # the --resume record: the masked URI, compared in masked form (a rotated password still resumes)
+    _write_record(replace(target, tracking_uri=SECRET_URI), "secret", search_name, parent_run_id, 1)
+    rotated = replace(target, tracking_uri=SECRET_URI.replace("hunter2", "hunter3"))
+    assert _latest_record(rotated, "secret")["tracking_uri"] == "https://***@mlflow.example.com/?token=***"
+    with pytest.raises(SearchSpaceError, match=r"logged to https://\*\*\*@mlflow.example.com/") as moved:
+        _latest_record(replace(target, tracking_uri="https://alice:hunter2@elsewhere"), "secret")
+    with pytest.raises(NothingToResumeError) as missing:
+        _latest_record(target, "never-started")
+    assert isinstance(moved.value, KnetUserError) and isinstance(missing.value, KnetUserError)
+
+    client = MlflowClient(tracking_uri=target.tracking_uri)
+    for logged in (parent_run_id, run_id):
+        data = client.get_run(logged).data
+        texts = [json.dumps(data.params), json.dumps(data.tags)]
+        for artifact in client.list_artifacts(logged):
+            texts.append(
+                Path(client.download_artifacts(logged, artifact.path, str(tmp_path / "down"))).read_text()
+            )
+        for text in texts:
+            assert not [secret for secret in SECRETS if secret in text], text
+    child = client.get_run(run_id).data
+    assert (
+        json.loads(child.tags["knet.trial_overrides"])["tracking.artifact_location"]
+        == "https://***@store/b #2"
+    )
+    assert child.tags["knet.checkpoints"].startswith("s3://bucket/a?X-Amz-Signature=***&x=1/")
+    assert child.params["tracking.artifact_location"] == "https://***@store/b"
+    assert "refused" in child.tags["knet.error"]
+    stored = [
+        tmp_path / "mlflow.db",
+        *(tmp_path / "mlartifacts").rglob("*"),
+        *(tmp_path / "ray_results").rglob("*"),
+    ]
+    leaked = [
+        path for path in stored if path.is_file() and any(s.encode() in path.read_bytes() for s in SECRETS)
+    ]
+    assert not leaked
+    printed = capsys.readouterr().out
+    assert "https://***@store/b #2" in printed and not [s for s in SECRETS if s in printed], printed
 
 
 @pytest.mark.slow
