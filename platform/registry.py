@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -63,14 +62,7 @@ def log_and_register(
     if mode not in ("max", "min"):
         raise ValueError(f"mode={mode!r}: use 'max' or 'min'")
     with _store(tracking_uri):
-        with (
-            mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None),
-            warnings.catch_warnings(),
-        ):
-            # predict has no type hints on purpose (pyfunc_model.py); MLflow warns about that each time
-            warnings.filterwarnings(
-                "ignore", message=".*type hints to the `predict` method", category=UserWarning
-            )
+        with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
             info = mlflow.pyfunc.log_model(
                 name=MODEL_ARTIFACT_NAME,
                 python_model=str(PYFUNC_MODEL_FILE),

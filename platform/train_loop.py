@@ -8,6 +8,7 @@ and ``ray.train.report`` (every worker, once per epoch; only rank 0 attaches the
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import tempfile
@@ -75,6 +76,7 @@ class LoopConfig:
 
 def train_fn_per_worker(config: dict[str, Any]) -> None:
     """Train one experiment on this worker (``config`` is :meth:`LoopConfig.to_dict`)."""
+    _quiet_ray_train_reports()
     loop = LoopConfig(**config)
     experiment = Experiment.from_dict(loop.experiment)
     train_cfg = experiment.train
@@ -391,6 +393,14 @@ def _to_device(value: Any, device: torch.device) -> Any:
             },
         )
     return value
+
+
+def _quiet_ray_train_reports() -> None:
+    """Ray Train 2.60 logs every ``report`` of every worker at INFO with all its metrics (a screenful
+    per epoch, beside our one line); keep its warnings. That logger is named after its module's file."""
+    from ray.train.v2._internal.execution import context as train_context  # Ray's internal logger name
+
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
 
 
 def _seed_everything(seed: int) -> None:
