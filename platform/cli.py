@@ -13,10 +13,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from knet_platform.errors import KnetUserError
+from knet_platform.errors import KnetUserError, RunFailedError
 from knet_platform.redaction import redact, redact_text
 
 USER_ERROR_EXIT = 2
+RUN_FAILED_EXIT = 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -27,12 +28,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (KnetUserError, ValueError, FileNotFoundError, NotADirectoryError, KeyError) as error:
+    except (
+        RunFailedError,
+        KnetUserError,
+        ValueError,
+        FileNotFoundError,
+        NotADirectoryError,
+        KeyError,
+    ) as error:
         if args.debug:
             raise
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         print(f"error: {redact_text(message)}", file=sys.stderr)
-        return USER_ERROR_EXIT
+        return RUN_FAILED_EXIT if isinstance(error, RunFailedError) else USER_ERROR_EXIT
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,3 +11,9 @@ from __future__ import annotations
 
 class KnetUserError(Exception):
     """A problem in the user's configuration or environment, with the fix in its message."""
+
+
+class RunFailedError(RuntimeError):
+    """A run or search that started and failed in a way its message explains (every trial failed, no
+    checkpoint reported a finite metric); the details are above it in the log and in MLflow. ``knet``
+    prints it as one ``error:`` line and exits with code 1."""

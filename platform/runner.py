@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import mlflow
 from knet_platform.checkpointing import load_checkpoint
+from knet_platform.errors import RunFailedError
 from knet_platform.knet_adapter import build_datasets, prepare_data, write_bundle
 from knet_platform.ray_runtime import check_capacity, start_ray, stop_ray
 from knet_platform.redaction import redact_text
@@ -187,7 +188,7 @@ def _best(candidates: list[tuple[Any, dict[str, Any]]], metric: str, mode: str) 
         (c, m) for c, m in candidates if isinstance(m.get(metric), (int, float)) and not math.isnan(m[metric])
     ]
     if not scored:
-        raise RuntimeError(
+        raise RunFailedError(
             f"the run reported no checkpoint with a finite {metric!r}; check train.metric against the "
             f"reported keys ({sorted(candidates[0][1]) if candidates else 'no checkpoints at all'})"
         )

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from knet_platform.checkpointing import load_checkpoint
-from knet_platform.errors import KnetUserError
+from knet_platform.errors import KnetUserError, RunFailedError
 from knet_platform.knet_adapter import build_datasets, prepare_data, write_bundle
 from knet_platform.ray_runtime import start_ray, stop_ray
 from knet_platform.redaction import redact, redact_text
@@ -221,7 +221,7 @@ def run_search(experiment: Experiment, *, resume: bool = False) -> SearchSummary
         stop_ray(runtime)
     print(summary.render())
     if summary.best is None:
-        raise RuntimeError(
+        raise RunFailedError(
             f"every trial of search {search_name} failed; their errors are in the table above and in "
             f"each trial's MLflow run (tag knet.error)"
         )

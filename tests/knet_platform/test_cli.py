@@ -198,3 +198,23 @@ def test_evaluate_results_prints_the_metrics_as_json(tmp_path, capsys):
     assert main(["evaluate-results", "panoptic", "--gt", gt, "--pred", gt]) == 0
     metrics = json.loads(capsys.readouterr().out)
     assert metrics["pq"] == 100.0 and {"sq", "rq", "pq_th", "pq_st"} <= set(metrics)
+
+
+def test_a_run_that_failed_is_one_error_line_and_exit_code_1_a_user_error_exit_code_2(monkeypatch, capsys):
+    import knet_platform.cli as cli
+    from knet_platform.errors import KnetUserError, RunFailedError
+
+    def fails_with(error: Exception):
+        def command(args) -> int:
+            raise error
+
+        return command
+
+    monkeypatch.setattr(
+        cli, "_show_config", fails_with(RunFailedError("every trial of search s failed\nmore"))
+    )
+    assert main(["show-config", "x.yaml"]) == 1
+    assert capsys.readouterr().err == "error: every trial of search s failed\n"
+    monkeypatch.setattr(cli, "_show_config", fails_with(KnetUserError("tracking.uri unreachable")))
+    assert main(["show-config", "x.yaml"]) == 2
+    assert capsys.readouterr().err == "error: tracking.uri unreachable\n"
