@@ -16,7 +16,8 @@ from torch import nn
 
 from knet import build_model
 from knet.bundle import save_bundle
-from knet.data import build_dataset, synthesize
+from knet.data import DataSource, build_dataset, synthesize
+from knet.data.parquet import load_manifest
 from knet.evaluation import InstanceEvaluator, PanopticEvaluator, SemanticEvaluator
 
 if TYPE_CHECKING:
@@ -129,9 +130,17 @@ def write_bundle(
         model_config,
         categories,
         experiment.data.transforms,
-        reduce_zero_label=experiment.data.train.reduce_zero_label,
+        reduce_zero_label=_reduces_zero_label(experiment.data.train),
     )
     return Path(directory)
+
+
+def _reduces_zero_label(source: DataSource) -> bool:
+    """Whether the training labels are ADE20K-style (dataset id = category id + 1), for packed shards
+    as their manifest recorded it."""
+    if source.format == "parquet" and source.shards is not None:
+        return load_manifest(source.shards).reduce_zero_label
+    return source.reduce_zero_label
 
 
 def denormalize(image: torch.Tensor, experiment: Experiment, size: tuple[int, int]) -> np.ndarray:

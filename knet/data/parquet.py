@@ -57,12 +57,17 @@ class ShardInfo:
 
 @dataclass
 class Manifest:
-    """What ``pack_dataset`` wrote: categories (contiguous order) and the shards."""
+    """What ``pack_dataset`` wrote: categories (contiguous order) and the shards.
+
+    reduce_zero_label: the source was a semantic dataset read with ADE20K's rule (its label ids are one
+    above the category ids); kept so predictions can be written back in the source's label ids.
+    """
 
     root: str
     categories: list[dict[str, Any]]
     shards: list[ShardInfo] = field(default_factory=list)
     format: str = FORMAT_TAG
+    reduce_zero_label: bool = False
 
     @property
     def num_images(self) -> int:
@@ -103,7 +108,7 @@ def pack_dataset(src: DataSource, out: str, shard_size: int = 256) -> Manifest:
         raise ValueError(f"shard_size={shard_size} must be >= 1")
     reader = open_reader(src)
     table = reader.categories
-    manifest = Manifest(root=str(out), categories=table.to_dict())
+    manifest = Manifest(root=str(out), categories=table.to_dict(), reduce_zero_label=src.reduce_zero_label)
     fs, root = fsspec.core.url_to_fs(str(out))
     fs.makedirs(root, exist_ok=True)
     rows: list[dict[str, Any]] = []
@@ -177,7 +182,13 @@ def load_manifest(uri: str) -> Manifest:
             f"{_join(str(uri), MANIFEST)} is not a knet Parquet manifest (format {FORMAT_TAG!r} "
             "with categories and shards); write one with knet.data.pack_dataset"
         )
-    return Manifest(str(uri), data["categories"], [ShardInfo(**s) for s in data["shards"]], data["format"])
+    return Manifest(
+        str(uri),
+        data["categories"],
+        [ShardInfo(**s) for s in data["shards"]],
+        data["format"],
+        reduce_zero_label=bool(data.get("reduce_zero_label", False)),  # absent in older manifests
+    )
 
 
 class ParquetReader(Reader):

@@ -9,13 +9,13 @@ import numpy as np
 import torch
 from knet_platform.cli import main
 from knet_platform.experiment import load_experiment
-from knet_platform.knet_adapter import build_datasets
+from knet_platform.knet_adapter import build_datasets, build_knet, write_bundle
 from knet_platform.predict import evaluate_bundle, load_model, predict_paths
 from PIL import Image
 
 from knet import KNetConfig, build_model
 from knet.bundle import save_bundle
-from knet.data import Category, CategoryTable, TransformConfig, synthesize
+from knet.data import Category, CategoryTable, TransformConfig, pack_dataset, synthesize
 
 REPO = Path(__file__).absolute().parents[2]
 CATEGORIES = CategoryTable([Category(3, "square", True), Category(9, "sky", False)])
@@ -122,6 +122,23 @@ def test_the_val_set_is_built_with_the_train_category_table(tmp_path, monkeypatc
     datasets = build_datasets(experiment)
     assert [c.id for c in datasets.categories.categories] == [0, 1, 2, 3, 4]
     assert datasets.val.categories == datasets.categories
+
+
+def test_a_bundle_trained_from_packed_ade20k_style_shards_writes_the_source_label_ids(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    synthesize(tmp_path / "syn", num_images=4, seed=0, image_size=(64, 64))
+    experiment = load_experiment(
+        REPO / "experiments" / "quickstart_semantic.yaml",
+        ["data.synthetic.num_images=4", "data.synthetic.image_size=[64, 64]", "data.synthetic.cache_dir=syn"],
+    )
+    pack_dataset(experiment.data.train, str(tmp_path / "shards"))  # a reduce_zero_label source
+    packed = experiment.with_overrides(
+        {"data.train": {"format": "parquet", "shards": str(tmp_path / "shards")}}
+    )
+    datasets = build_datasets(packed)
+    model, _ = build_knet(packed, datasets.categories)
+    write_bundle(tmp_path / "bundle", packed, datasets.categories, model.state_dict())
+    assert load_model(tmp_path / "bundle").reduce_zero_label is True
 
 
 def test_cli_predict_on_a_missing_input_exits_2(tmp_path, capsys):

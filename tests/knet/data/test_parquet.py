@@ -53,3 +53,15 @@ def test_a_missing_shard_or_manifest_is_named(synthetic: SyntheticDataset, tmp_p
     (tmp_path / "shard-00000.parquet").unlink()
     with pytest.raises(DataError, match="shard not found.*shard-00000.parquet"):
         open_reader(DataSource("parquet", shards=str(tmp_path)))
+
+
+def test_the_manifest_records_reduce_zero_label_of_a_semantic_source(synthetic: SyntheticDataset, tmp_path):
+    from knet.data.parquet import load_manifest
+
+    ade = synthetic.source("semantic", "val")  # label PNG value = category index + 1, as ADE20K
+    assert ade.reduce_zero_label
+    assert pack_dataset(ade, str(tmp_path / "ade")).reduce_zero_label is True
+    assert load_manifest(str(tmp_path / "ade")).reduce_zero_label is True
+    panoptic = synthetic.source("coco_panoptic", "val")
+    pack_dataset(panoptic, str(tmp_path / "panoptic"))
+    assert load_manifest(str(tmp_path / "panoptic")).reduce_zero_label is False
