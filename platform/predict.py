@@ -143,9 +143,15 @@ def _segments(prediction: Prediction, part: TaskPart) -> tuple[np.ndarray, list[
 
 @torch.no_grad()
 def evaluate_bundle(bundle: ModelBundle, experiment: Experiment) -> dict[str, float]:
-    """The bundle's metrics on the experiment's val set (keys ``val/pq``, ``val/mask_ap``, ``val/miou``...)."""
+    """The bundle's metrics on the experiment's val set (keys ``val/pq``, ``val/mask_ap``, ``val/miou``...),
+    scored at each image's original size like ``knet evaluate-results`` on written files."""
     from knet.data import build_dataset, collate_batch
-    from knet.evaluation import InstanceEvaluator, PanopticEvaluator, SemanticEvaluator
+    from knet.evaluation import (
+        InstanceEvaluator,
+        PanopticEvaluator,
+        SemanticEvaluator,
+        process_at_original_size,
+    )
 
     if experiment.data.val is None:
         raise ValueError("the experiment has no data.val: add a val DataSource to evaluate on")
@@ -168,8 +174,7 @@ def evaluate_bundle(bundle: ModelBundle, experiment: Experiment) -> dict[str, fl
     for batch in loader:
         predictions = bundle.model(batch.images.to(device), image_sizes=batch.image_sizes)
         predictions = [prediction_to_cpu(p) for p in predictions]
-        for evaluator in evaluators.values():
-            evaluator.process(predictions, batch.targets)
+        process_at_original_size(evaluators.values(), predictions, batch.targets, batch.metas)
     metrics: dict[str, float] = {}
     for evaluator in evaluators.values():
         metrics.update({f"val/{k}": float(v) for k, v in evaluator.evaluate().items() if k != "per_class"})

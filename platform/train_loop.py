@@ -39,6 +39,7 @@ from knet_platform.tracking import RunLogger, system_info
 from torch.utils.data import DataLoader, Subset
 
 from knet.data import collate_batch
+from knet.evaluation import process_at_original_size
 
 NUM_OVERLAYS = 2  # val images drawn into MLflow at the last epoch
 
@@ -298,7 +299,8 @@ def _evaluate(
     rank: int,
     world_size: int,
 ) -> tuple[dict[str, float], tuple[list[np.ndarray], list[Any]] | None]:
-    """Evaluate this worker's shard, merge every worker's evaluator states on rank 0.
+    """Evaluate this worker's shard at each image's original size, merge every worker's evaluator
+    states on rank 0.
 
     Returns ``val/<metric>`` floats (empty on ranks > 0) and, on rank 0, a few (image, prediction)
     pairs for overlays.
@@ -313,8 +315,7 @@ def _evaluate(
         predictions = model(batch.images.to(device), image_sizes=batch.image_sizes)
         predictions = [_to_device(p, torch.device("cpu")) for p in predictions]
         targets = [_to_device(t, torch.device("cpu")) for t in batch.targets]
-        for evaluator in evaluators.values():
-            evaluator.process(predictions, targets)
+        process_at_original_size(evaluators.values(), predictions, targets, batch.metas)
         if rank == 0 and len(overlay_images) < NUM_OVERLAYS:
             for image, prediction, size in zip(batch.images, predictions, batch.image_sizes):
                 if len(overlay_images) < NUM_OVERLAYS:

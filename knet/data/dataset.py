@@ -25,6 +25,10 @@ PLACEHOLDER_SIZE = (64, 64)
 class KNetDataset(Dataset):
     """``ds[i] -> (image float (3, h, w) normalised, target dict, meta dict)``.
 
+    Train items resize the target with the image. Eval items (``train=False``) resize only the image:
+    the target stays at the original size ``meta["orig_size"]``, where evaluation scores (see
+    ``knet.evaluation.process_at_original_size``).
+
     Train randomness is seeded by ``(seed, epoch, i)`` (``set_epoch`` changes it per epoch), so a
     sample is the same whichever worker process loads it.
 

@@ -26,8 +26,7 @@ def resize(
     """Bilinear image, nearest masks (same pixel-centre mapping); segments emptied are dropped."""
     if tuple(image.shape[-2:]) == tuple(size):
         return image, target
-    resized = F.interpolate(image[None].float(), size=size, mode="bilinear", align_corners=False)[0]
-    image = resized.round().clamp(0, 255).to(torch.uint8)
+    image = resize_image(image, size)
     masks = target["masks"]
     if masks.shape[0] == 0:  # interpolate refuses empty batches
         masks = torch.zeros(0, *size, dtype=torch.bool)
@@ -36,6 +35,14 @@ def resize(
             0
         ].bool()  # (M, h, w)
     return image, _keep_nonempty({**target, "masks": masks})
+
+
+def resize_image(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """uint8 (3, h, w) -> uint8 (3, *size), bilinear (align_corners=False), rounded."""
+    if tuple(image.shape[-2:]) == tuple(size):
+        return image
+    resized = F.interpolate(image[None].float(), size=size, mode="bilinear", align_corners=False)[0]
+    return resized.round().clamp(0, 255).to(torch.uint8)
 
 
 def hflip(image: torch.Tensor, target: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -97,12 +104,13 @@ def train_transform(
 def eval_transform(
     image: torch.Tensor, target: dict[str, Any], cfg: TransformConfig
 ) -> tuple[torch.Tensor, dict[str, Any], dict[str, Any]]:
-    """Resize (targets too, so they align with predictions at ``image_sizes``), normalise.
+    """Resize the image only, normalise; the target stays at the original size ``meta["orig_size"]``.
 
-    ``Prediction.resized(meta["orig_size"])`` maps results back to the original image.
+    Evaluation scores there, as the official tools do: ``knet.evaluation.process_at_original_size``
+    maps each prediction back with ``Prediction.resized``. The model needs no targets at test time.
     """
     h, w = image.shape[-2:]
-    image, target = resize(image, target, scaled_size(h, w, cfg.test_short_side, cfg.test_max_size))
+    image = resize_image(image, scaled_size(h, w, cfg.test_short_side, cfg.test_max_size))
     info = {"flipped": False, "img_size": tuple(image.shape[-2:])}
     return normalize(image, cfg.mean, cfg.std), target, info
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from knet_platform.cli import main
 from knet_platform.experiment import load_experiment
@@ -27,6 +29,7 @@ def tiny_bundle(
     task: str = "panoptic",
     categories: CategoryTable = CATEGORIES,
     reduce_zero_label: bool = False,
+    transforms: TransformConfig = TRANSFORMS,
 ) -> Path:
     config = KNetConfig.for_task(
         task,
@@ -41,7 +44,7 @@ def tiny_bundle(
     )
     torch.manual_seed(0)
     model = build_model(config).eval()
-    return save_bundle(directory, model, config, categories, TRANSFORMS, reduce_zero_label=reduce_zero_label)
+    return save_bundle(directory, model, config, categories, transforms, reduce_zero_label=reduce_zero_label)
 
 
 def write_images(folder: Path) -> list[Path]:
@@ -173,3 +176,45 @@ def test_numeric_file_stems_become_coco_image_ids(tmp_path):
     predict_paths(bundle, [tmp_path / "images"], tmp_path / "out")
     results = json.loads((tmp_path / "out" / "panoptic.json").read_text())["annotations"]
     assert [r["image_id"] for r in results] == [139, 2]
+
+
+def test_evaluate_bundle_scores_at_the_original_size_like_evaluate_results_on_written_files(
+    tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    experiment = load_experiment(
+        REPO / "experiments" / "quickstart.yaml",
+        ["data.synthetic.num_images=8", "data.synthetic.image_size=[96, 96]", "data.synthetic.cache_dir=syn"],
+    )
+    from knet.data import build_dataset
+    from knet.evaluation import evaluate_results, write_semantic_png
+
+    synthesize(tmp_path / "syn", num_images=8, seed=0, image_size=(96, 96))
+    categories = build_dataset(experiment.data.val, TRANSFORMS, train=False).categories
+    half = dataclasses.replace(TRANSFORMS, test_short_side=48, test_max_size=48)  # the model sees 48x48
+    bundle = load_model(tiny_bundle(tmp_path / "bundle", categories=categories, transforms=half))
+    metrics = evaluate_bundle(bundle, experiment)
+    predict_paths(bundle, [Path(experiment.data.val.images)], tmp_path / "out")
+    panoptic = evaluate_results(
+        "panoptic", Path(experiment.data.val.annotations), tmp_path / "out" / "panoptic.json"
+    )
+    # Label PNGs of contiguous class + 1, the synthetic semantic split's encoding.
+    for path in sorted(Path(experiment.data.val.images).glob("*.png")):
+        (prediction,) = bundle.predict([np.asarray(Image.open(path).convert("RGB"))])
+        write_semantic_png(prediction, tmp_path / "semantic" / path.name, reduce_zero_label=True)
+    semantic = evaluate_results(
+        "semantic",
+        tmp_path / "syn" / "semantic" / "val",
+        tmp_path / "semantic",
+        num_classes=5,
+        reduce_zero_label=True,
+    )
+    assert metrics["val/miou"] > 0.0  # aacc at the test size (targets resized) would be 7.34, not 7.22
+    for key, offline in (
+        ("pq", panoptic),
+        ("sq", panoptic),
+        ("rq", panoptic),
+        ("miou", semantic),
+        ("aacc", semantic),
+    ):
+        assert metrics[f"val/{key}"] == pytest.approx(offline[key])

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from knet.data import TransformConfig, collate_batch
-from knet.data.transforms import crop, eval_transform, scaled_size, train_transform
+from knet.data.transforms import crop, eval_transform, resize, scaled_size, train_transform
 
 MEAN, STD = (10.0, 20.0, 30.0), (2.0, 4.0, 5.0)
 
@@ -90,12 +90,14 @@ def test_crop_drops_emptied_segments_and_keeps_a_split_segment_whole() -> None:
     assert out["iscrowd"].tolist() == [False]
 
 
-def test_test_transform_resizes_to_the_short_side_and_aligns_targets() -> None:
+def test_test_transform_resizes_the_image_to_the_short_side_and_keeps_the_target() -> None:
     cfg = TransformConfig(test_short_side=96, test_max_size=1000, mean=MEAN, std=STD)
     image, target = _pattern()
     out, out_target, info = eval_transform(image, target, cfg)
     assert tuple(out.shape[-2:]) == (96, 128) == info["img_size"]
-    _assert_aligned(out, out_target)
+    assert out_target is target  # at the original size, where evaluation scores
+    _, resized_target = resize(image, target, (96, 128))
+    _assert_aligned(out, resized_target)  # the image is resized exactly as the train path would
 
 
 def test_long_side_cap_wins_over_the_short_side() -> None:
@@ -118,7 +120,6 @@ def test_collate_pads_bottom_right_with_zeros_and_reports_sizes() -> None:
 
 
 def test_an_image_without_segments_resizes_to_empty_masks_of_the_new_size() -> None:
-    cfg = TransformConfig(test_short_side=32, test_max_size=100)
     empty = {"labels": torch.zeros(0, dtype=torch.int64), "masks": torch.zeros(0, 16, 24, dtype=torch.bool)}
-    image, target, _ = eval_transform(torch.zeros(3, 16, 24, dtype=torch.uint8), empty, cfg)
+    image, target = resize(torch.zeros(3, 16, 24, dtype=torch.uint8), empty, (32, 48))
     assert image.shape == (3, 32, 48) and target["masks"].shape == (0, 32, 48)
