@@ -1,7 +1,8 @@
 """ASHA against an exhaustive grid on the same finite space and the same per-trial epoch budget.
 
     python -m benchmarks.tune_efficiency [--epochs 8] [--steps-per-epoch 6] [--space KEY=[v, ...] ...]
-        [--metric val/miou] [--seed 0] [--replays 2000] [--set key=value ...] [--json figures.json]
+        [--metric val/miou] [--asha-order shuffled-grid|random] [--seed 0] [--replays 2000]
+        [--grid-from figures.json] [--set key=value ...] [--json figures.json]
 
 Both searches run ``experiments/tune_quickstart.yaml`` (its data, model and scaling) over the
 configurations of ``--space`` (default: 16), each trial ``--epochs`` epochs of ``--steps-per-epoch``
@@ -10,11 +11,12 @@ temporary folder.
 
 1. grid: ``search_alg: grid`` with the FIFO scheduler trains every configuration for every epoch, in
    Tune's grid order (nested: the first key varies fastest).
-2. ASHA (grace period 1, reduction factor 2): a random search over the same space, the way users run it:
-   ``choice`` entries and ``num_samples`` = the number of configurations, sampled by Tune's variant
-   generator after ``numpy.random.seed(--seed)``. Sampling is with replacement, so some configurations
-   run twice and some never; the table says how many distinct ones ran and whether the grid's best was
-   among them.
+2. ASHA (grace period 1, reduction factor 2) over the same configurations. ``--asha-order
+   shuffled-grid`` (default): every configuration exactly once (``search_alg: grid``), each key's values
+   shuffled with ``--seed`` so that the order is not the grid's (where the strong learning rate comes
+   last). ``--asha-order random``: a random search, ``choice`` entries and ``num_samples`` = the number
+   of configurations, sampled by Tune after ``numpy.random.seed(--seed)``, with replacement (some run
+   twice, some never; the table says how many distinct ones ran).
 3. replay: Ray's own ASHA bracket (``ray.tune.schedulers.async_hyperband._Bracket``) replayed over the
    grid's recorded per-epoch curves, one trial at a time, for ``--replays`` random orders of all the
    configurations (and for the two orders that really ran). It is a replay, not a run: no training.
@@ -22,6 +24,8 @@ temporary folder.
 Trial-epochs are the epochs each trial actually trained, read from its MLflow run's per-epoch history
 (an epoch a stopped trial finished after Tune's decision counts; an epoch cut mid-way does not).
 The goal: ASHA's best within 2% of the grid's best with at most half the grid's trial-epochs.
+``--grid-from`` re-uses the grid of an earlier ``--json`` (same space, epochs, steps and metric; training
+is deterministic) and runs ASHA only.
 The metric (``val/miou`` by default) is the one both searches rank on; after 6 steps ``val/pq`` was
 still 0 for half the configurations of a small run (every 2-stage one), a tie ASHA never breaks (it
 stops a trial only below the cutoff). The Spearman rank correlation between each configuration's
@@ -33,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import random
 import statistics
 import tempfile
 import time
@@ -91,8 +96,8 @@ def _experiment(args: argparse.Namespace, workdir: Path, space: dict[str, list[A
         f"train.lr_steps=[{max(1, round(args.epochs * 0.75))}]",  # decay at 3/4, as the YAML's 3 of 4
         f"train.metric={args.metric}",  # checkpoints ranked on the searched metric
         f"tune.metric={args.metric}",
-        f"tune.search_alg={'random' if asha else 'grid'}",
-        f"tune.num_samples={configs if asha else 1}",
+        f"tune.search_alg={'random' if asha and args.asha_order == 'random' else 'grid'}",
+        f"tune.num_samples={configs if asha and args.asha_order == 'random' else 1}",
         f"tune.scheduler.type={'asha' if asha else 'fifo'}",
         "tune.scheduler.max_epochs=null",  # = train.epochs: the same budget per trial in both searches
         f"tune.scheduler.grace_period={args.grace_period}",
@@ -107,10 +112,14 @@ def _experiment(args: argparse.Namespace, workdir: Path, space: dict[str, list[A
         *args.overrides,
     ]
     experiment = load_experiment(str(QUICKSTART), overrides)
-    op = "choice" if asha else "grid"
-    return experiment.with_overrides(
-        {"tune.space": {key: {op: list(values)} for key, values in space.items()}}
-    )
+    if asha and args.asha_order == "random":
+        tune_space = {key: {"choice": list(values)} for key, values in space.items()}
+    elif asha:  # every configuration once, each key's values in a seeded random order
+        rng = random.Random(args.seed)
+        tune_space = {key: {"grid": rng.sample(list(values), len(values))} for key, values in space.items()}
+    else:
+        tune_space = {key: {"grid": list(values)} for key, values in space.items()}
+    return experiment.with_overrides({"tune.space": tune_space})
 
 
 def _run(args: argparse.Namespace, workdir: Path, space: dict[str, list[Any]], asha: bool) -> Search:
@@ -211,7 +220,16 @@ def main() -> None:
     parser.add_argument("--metric", default="val/miou", help="the metric both searches rank on (mode max)")
     parser.add_argument("--grace-period", type=int, default=1)
     parser.add_argument("--reduction-factor", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0, help="ASHA's sampling and the replays' orders")
+    parser.add_argument(
+        "--asha-order",
+        choices=["shuffled-grid", "random"],
+        default="shuffled-grid",
+        help="ASHA over every configuration once in a seeded order, or a random search (with replacement)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="ASHA's order or sampling, and the replays' orders"
+    )
+    parser.add_argument("--grid-from", type=Path, help="re-use the grid recorded by an earlier --json")
     parser.add_argument("--replays", type=int, default=2000, help="random orders replayed (0: none)")
     parser.add_argument("--workers", type=int, default=2, help="Train workers per trial")
     parser.add_argument("--worker-cpus", type=float, default=0.75, help="CPU per Train worker")
@@ -231,13 +249,35 @@ def main() -> None:
 
     from knet_platform.ray_runtime import ray_session
 
+    recorded_grid = _recorded_grid(args, space) if args.grid_from else None
     with tempfile.TemporaryDirectory(prefix="knet-tune-bench-") as scratch, ray_session():
-        searches = {}
+        searches = {"grid": recorded_grid} if recorded_grid else {}
         for name, asha in (("grid", False), ("asha", True)):
+            if name in searches:
+                continue
             workdir = Path(scratch) / name
             workdir.mkdir()
             searches[name] = _run(args, workdir, space, asha)
     report(args, space, searches["grid"], searches["asha"])
+
+
+def _recorded_grid(args: argparse.Namespace, space: dict[str, list[Any]]) -> Search:
+    """The grid search of an earlier ``--json``, refused unless it searched the same thing."""
+    figures = json.loads(args.grid_from.read_text())
+    recorded = figures["args"]
+    same = {
+        "space": figures["space"] == space,
+        "epochs": recorded["epochs"] == args.epochs,
+        "steps per epoch": recorded["steps_per_epoch"] == args.steps_per_epoch,
+        "metric": recorded["metric"] == args.metric,
+        "set": recorded["overrides"] == args.overrides,
+    }
+    if not all(same.values()):
+        differ = ", ".join(name for name, ok in same.items() if not ok)
+        raise SystemExit(f"--grid-from {args.grid_from}: that grid differs from this run in: {differ}")
+    grid = figures["grid"]
+    trials = [Trial(**trial) for trial in grid["trials"]]
+    return Search(grid["name"], trials, grid["best"], grid["seconds"], grid.get("extras", {}))
 
 
 def report(args: argparse.Namespace, space: dict[str, list[Any]], grid: Search, asha: Search) -> None:
@@ -271,8 +311,6 @@ def report(args: argparse.Namespace, space: dict[str, list[Any]], grid: Search, 
             replays["ASHA run's order"] = replay_asha(curves, asha_order, **rule)
     samples = []
     if complete and args.replays > 0:
-        import random
-
         rng = random.Random(args.seed)
         for _ in range(args.replays):
             order = list(range(len(curves)))
@@ -298,7 +336,7 @@ def report(args: argparse.Namespace, space: dict[str, list[Any]], grid: Search, 
     rows = [
         ["grid (FIFO, every epoch)", len(grid.trials), grid.trial_epochs, "1.00", f"{grid.best:.4f}", "1.000",
          f"{grid.seconds:.0f} s", "-"],
-        [f"ASHA (random, {len(distinct)} distinct)", len(asha.trials), asha.trial_epochs, f"{asha_ratio:.2f}",
+        [f"ASHA ({args.asha_order}, {len(distinct)} distinct)", len(asha.trials), asha.trial_epochs, f"{asha_ratio:.2f}",
          f"{asha.best:.4f}", f"{asha_metric:.3f}", f"{asha.seconds:.0f} s", "met" if met else "not met"],
     ]  # fmt: skip
     for name, (used, best) in replays.items():
@@ -330,8 +368,9 @@ def report(args: argparse.Namespace, space: dict[str, list[Any]], grid: Search, 
     )
     sampled_best = max((max(t.curve) for t in complete if _key(t.config, keys) in distinct), default=math.nan)
     found = grid_best_config is not None and _key(grid_best_config, keys) in distinct
+    sampling = "sampled with replacement" if args.asha_order == "random" else "each once, seeded order"
     print(
-        f"ASHA ran {len(distinct)} distinct of {len(complete)} configurations (sampled with replacement); "
+        f"ASHA ran {len(distinct)} distinct of {len(complete)} configurations ({sampling}); "
         f"the grid's best {grid_best_config} was {'' if found else 'not '}among them. Trained for every "
         f"epoch (the grid's curves), the best configuration it sampled reaches {sampled_best:.4f} "
         f"({_ratio(sampled_best, grid.best, mode):.3f}x the grid's best): below that, stopping lost it."
@@ -345,6 +384,7 @@ def report(args: argparse.Namespace, space: dict[str, list[Any]], grid: Search, 
     if args.json:
         figures = {
             "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            "grid_from": str(args.grid_from) if args.grid_from else None,
             "space": space,
             "grid": {**asdict(grid), "trial_epochs": grid.trial_epochs},
             "asha": {**asdict(asha), "trial_epochs": asha.trial_epochs},
