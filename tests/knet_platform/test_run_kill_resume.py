@@ -18,28 +18,22 @@ import pytest
 from knet_platform.checkpointing import STATE_FILE, load_checkpoint
 from mlflow.tracking import MlflowClient
 
-from tests.knet_platform.tiny_run import BIN, QUICKSTART, cluster_env, kill_driver, tiny_overrides
+from tests.knet_platform.tiny_run import (
+    BIN,
+    QUICKSTART,
+    cluster_env,
+    kill_driver,
+    latest_registered_epoch,
+    tiny_overrides,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.mlflow]
 
 EPOCHS = 3
-SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's list of registered checkpoints
 
 
 def _knet_run(overrides: list[str], *extra: str) -> list[str]:
     return [str(BIN / "knet"), "run", str(QUICKSTART), *extra, *(f"--set={o}" for o in overrides)]
-
-
-def _latest_registered_epoch(run_folder: Path) -> int:
-    """The epoch of the latest checkpoint Ray Train registered for this run (0 when none yet)."""
-    try:
-        snapshot = json.loads((run_folder / SNAPSHOT).read_text())
-    except (OSError, json.JSONDecodeError):
-        return 0  # not written yet, or caught mid-write: the next poll reads it whole
-    latest = snapshot.get("latest_checkpoint_result")
-    if not latest:
-        return 0
-    return int(re.fullmatch(r"checkpoint_epoch_(\d+)", latest["checkpoint_dir_name"]).group(1))
 
 
 def _epoch_history(client: MlflowClient, run_id: str) -> dict[int, int]:
@@ -68,7 +62,7 @@ def test_a_killed_run_resumes_in_the_same_mlflow_run_from_its_last_checkpoint_an
         )
         try:
             deadline = time.time() + 480
-            while not (record.is_file() and _latest_registered_epoch(results / _run_name(record)) >= 1):
+            while not (record.is_file() and latest_registered_epoch(results / _run_name(record)) >= 1):
                 assert driver.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
                 assert time.time() < deadline, "no checkpoint was registered in 480 s"
                 time.sleep(0.2)
@@ -76,7 +70,7 @@ def test_a_killed_run_resumes_in_the_same_mlflow_run_from_its_last_checkpoint_an
             kill_driver(driver)
     killed_at_ms = time.time() * 1000
     run_folder = results / _run_name(record)
-    resume_epoch = _latest_registered_epoch(run_folder)  # what Ray will hand the resumed workers
+    resume_epoch = latest_registered_epoch(run_folder)  # what Ray will hand the resumed workers
     assert 1 <= resume_epoch < EPOCHS, f"the run got to epoch {resume_epoch} of {EPOCHS} before the kill"
     run_id = json.loads(record.read_text())["mlflow_run_id"]
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -122,7 +116,7 @@ def test_a_killed_run_resumes_in_the_same_mlflow_run_from_its_last_checkpoint_an
     assert all(after[epoch] == finished_before[epoch] for epoch in range(1, resume_epoch + 1))
     assert sorted(after) == list(range(1, EPOCHS + 1))
     assert load_checkpoint(partial).epoch == resume_epoch + 1
-    assert _latest_registered_epoch(run_folder) == EPOCHS
+    assert latest_registered_epoch(run_folder) == EPOCHS
 
     # the resumed fit ends like any run: the best checkpoint uploaded (it says which epoch it is) and
     # its model registered from this run

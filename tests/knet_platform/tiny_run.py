@@ -7,7 +7,9 @@ synthetic data stays where the quickstart YAML caches it (generated once, then r
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -19,6 +21,8 @@ from knet_platform.experiment import Experiment, load_experiment
 REPO = Path(__file__).absolute().parents[2]
 QUICKSTART = REPO / "experiments" / "quickstart.yaml"
 BIN = Path(sys.executable).parent  # the venv's ray, knet and mlflow commands
+# Ray Train's record of the checkpoints it registered (what a restarted worker group resumes from)
+RAY_CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"
 
 
 def tiny_overrides(
@@ -167,3 +171,15 @@ def kill_driver(driver: subprocess.Popen) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     driver.wait(timeout=30)
+
+
+def latest_registered_epoch(run_folder: Path) -> int:
+    """The epoch of the latest checkpoint Ray Train registered for this run (0 when none yet)."""
+    try:
+        snapshot = json.loads((run_folder / RAY_CHECKPOINT_SNAPSHOT).read_text())
+    except (OSError, json.JSONDecodeError):
+        return 0  # not written yet, or caught mid-write: the next poll reads it whole
+    latest = snapshot.get("latest_checkpoint_result")
+    if not latest:
+        return 0
+    return int(re.fullmatch(r"checkpoint_epoch_(\d+)", latest["checkpoint_dir_name"]).group(1))
