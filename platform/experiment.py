@@ -8,20 +8,18 @@ Every problem raises one ``ExperimentError`` naming the key and the fix.
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import re
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from knet_platform.errors import KnetUserError
 from knet_platform.home import local_path
 from knet_platform.overrides import apply_overrides, parse_override
 from knet_platform.redaction import MASK, is_secret_key, redact_text
+from knet_platform.schema import ExperimentError, build, plain_fields, require
 from knet_platform.yaml_text import load_yaml
 
 from knet import KNetConfig
@@ -37,10 +35,6 @@ SYNTHETIC_PLACEHOLDER = "{synthetic}"  # in data paths: replaced by data.synthet
 _PATH_FIELDS = ("images", "annotations", "masks", "shards")
 
 
-class ExperimentError(KnetUserError, ValueError):
-    """A bad experiment file or override; the message names the key and the fix."""
-
-
 @dataclass
 class SyntheticConfig:
     """Generated shapes dataset (``knet.data.synthesize``), written once into ``cache_dir``."""
@@ -51,8 +45,8 @@ class SyntheticConfig:
     cache_dir: str = ".knet/data/synthetic"
 
     def __post_init__(self) -> None:
-        _require(self.num_images >= 2, "data.synthetic.num_images", "must be >= 2 (train and val)")
-        _require(
+        require(self.num_images >= 2, "data.synthetic.num_images", "must be >= 2 (train and val)")
+        require(
             len(self.image_size) == 2 and min(self.image_size) >= 32,
             "data.synthetic.image_size",
             "must be [H, W] with both >= 32",
@@ -68,7 +62,7 @@ class DataConfig:
     num_workers: int = 2  # DataLoader workers per Ray worker
 
     def __post_init__(self) -> None:
-        _require(self.num_workers >= 0, "data.num_workers", "must be >= 0 (0 loads in the worker)")
+        require(self.num_workers >= 0, "data.num_workers", "must be >= 0 (0 loads in the worker)")
 
 
 @dataclass
@@ -98,31 +92,31 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "eval_interval", "checkpoint_interval", "keep_checkpoints"):
-            _require(getattr(self, name) >= 1, f"train.{name}", "must be >= 1")
-        _require(self.lr > 0, "train.lr", "must be > 0")
-        _require(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
-        _require(self.backbone_lr_mult >= 0, "train.backbone_lr_mult", "must be >= 0")
-        _require(
+            require(getattr(self, name) >= 1, f"train.{name}", "must be >= 1")
+        require(self.lr > 0, "train.lr", "must be > 0")
+        require(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+        require(self.backbone_lr_mult >= 0, "train.backbone_lr_mult", "must be >= 0")
+        require(
             len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
             "train.betas",
             "must be two numbers in [0, 1)",
         )
-        _require(self.warmup_iters >= 0, "train.warmup_iters", "must be >= 0")
-        _require(0 < self.warmup_ratio <= 1, "train.warmup_ratio", "must be in (0, 1]")
-        _require(
+        require(self.warmup_iters >= 0, "train.warmup_iters", "must be >= 0")
+        require(0 < self.warmup_ratio <= 1, "train.warmup_ratio", "must be in (0, 1]")
+        require(
             list(self.lr_steps) == sorted(self.lr_steps) and all(s >= 1 for s in self.lr_steps),
             "train.lr_steps",
             "must be increasing epochs >= 1",
         )
-        _require(0 < self.lr_gamma <= 1, "train.lr_gamma", "must be in (0, 1]")
-        _require(self.grad_clip is None or self.grad_clip > 0, "train.grad_clip", "must be > 0 or null")
-        _require(
+        require(0 < self.lr_gamma <= 1, "train.lr_gamma", "must be in (0, 1]")
+        require(self.grad_clip is None or self.grad_clip > 0, "train.grad_clip", "must be > 0 or null")
+        require(
             self.max_steps_per_epoch is None or self.max_steps_per_epoch >= 1,
             "train.max_steps_per_epoch",
             "must be >= 1 or null (whole epoch)",
         )
-        _require(self.log_every >= 0, "train.log_every", "must be >= 0 (0 = per epoch only)")
-        _require(
+        require(self.log_every >= 0, "train.log_every", "must be >= 0 (0 = per epoch only)")
+        require(
             re.fullmatch(r"(train|val)/\w+", self.metric) is not None,
             "train.metric",
             f"must look like 'val/pq' or 'train/loss', got {self.metric!r}",
@@ -145,26 +139,26 @@ class ScalingConfig:
     wait_for_resources: bool = False
 
     def __post_init__(self) -> None:
-        _require(self.num_workers >= 1, "scaling.num_workers", "must be >= 1")
-        _require(
+        require(self.num_workers >= 1, "scaling.num_workers", "must be >= 1")
+        require(
             all(v >= 0 for v in self.resources_per_worker.values()),
             "scaling.resources_per_worker",
             "amounts must be >= 0",
         )
         gpus = self.resources_per_worker.get("GPU")
-        _require(
+        require(
             self.use_gpu or not gpus,
             "scaling.resources_per_worker",
             f"asks for GPU: {gpus} per worker but scaling.use_gpu is false; set scaling.use_gpu=true "
             "to train on GPUs, or remove GPU from resources_per_worker",
         )
-        _require(
+        require(
             not self.use_gpu or gpus is None or gpus > 0,
             "scaling.resources_per_worker",
             "GPU: 0 but scaling.use_gpu is true; give each worker a GPU (GPU: 1, the default with "
             "use_gpu) or set scaling.use_gpu=false",
         )
-        _require(
+        require(
             self.use_gpu or any(v > 0 for v in self.resources_per_worker.values()),
             "scaling.resources_per_worker",
             f"{self.resources_per_worker} reserves nothing per worker, which Ray refuses; give each "
@@ -186,18 +180,34 @@ class TrackingConfig:
     storage_path: str | None = None
 
     def __post_init__(self) -> None:
-        _require(bool(self.alias), "tracking.alias", "must be a non-empty string")
+        require(bool(self.alias), "tracking.alias", "must be a non-empty string")
 
 
 @dataclass
 class SearchSpec:
     """One search dimension; YAML form ``{choice: [...]}`` / ``{loguniform: [1e-5, 1e-3]}``."""
 
+    YAML_FORM: typing.ClassVar[str] = "one operator, e.g. {choice: [50, 100]}"
+
     op: Literal["choice", "grid", "uniform", "loguniform", "randint", "qrandint"]
     args: list[Any]
 
     def to_dict(self) -> dict[str, Any]:
         return {self.op: list(self.args)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SearchSpec:
+        ops = typing.get_args(typing.get_type_hints(cls)["op"])
+        if len(data) != 1:
+            raise ValueError(f"write {cls.YAML_FORM}; operators: {', '.join(ops)}")
+        ((op, args),) = data.items()
+        if op not in ops:
+            close = difflib.get_close_matches(str(op), ops, n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"use one of {', '.join(ops)}"
+            raise ValueError(f"unknown operator '{op}': {hint}")
+        if not isinstance(args, list) or not args:
+            raise ValueError(f"{op} takes a non-empty list, got {args!r}")
+        return cls(op=op, args=list(args))
 
 
 @dataclass
@@ -208,9 +218,9 @@ class SchedulerConfig:
     max_epochs: int | None = None  # None -> train.epochs
 
     def __post_init__(self) -> None:
-        _require(self.grace_period >= 1, "tune.scheduler.grace_period", "must be >= 1")
-        _require(self.reduction_factor >= 2, "tune.scheduler.reduction_factor", "must be >= 2")
-        _require(
+        require(self.grace_period >= 1, "tune.scheduler.grace_period", "must be >= 1")
+        require(self.reduction_factor >= 2, "tune.scheduler.reduction_factor", "must be >= 2")
+        require(
             self.max_epochs is None or self.max_epochs >= self.grace_period,
             "tune.scheduler.max_epochs",
             "must be >= grace_period or null",
@@ -229,14 +239,14 @@ class TuneConfig:
     trial_driver_cpus: float = 0.25  # CPU reserved per trial for its Train driver (platform-notes)
 
     def __post_init__(self) -> None:
-        _require(bool(self.space), "tune.space", "must name at least one dotted key to search")
-        _require(self.num_samples >= 1, "tune.num_samples", "must be >= 1")
-        _require(
+        require(bool(self.space), "tune.space", "must name at least one dotted key to search")
+        require(self.num_samples >= 1, "tune.num_samples", "must be >= 1")
+        require(
             self.max_concurrent_trials is None or self.max_concurrent_trials >= 1,
             "tune.max_concurrent_trials",
             "must be >= 1 or null",
         )
-        _require(self.trial_driver_cpus >= 0, "tune.trial_driver_cpus", "must be >= 0")
+        require(self.trial_driver_cpus >= 0, "tune.trial_driver_cpus", "must be >= 0")
 
 
 @dataclass
@@ -259,14 +269,14 @@ class Experiment:
         """Strict build; relative data paths resolve against ``base_dir`` (default: cwd), the
         synthetic cache and tracking paths against the cwd, except that ``.knet/...`` means
         ``$KNET_HOME/...`` (see ``knet_platform.home``)."""
-        experiment = _build(cls, data, "")
+        experiment = build(cls, data, "")
         experiment._resolve(Path(base_dir) if base_dir is not None else Path.cwd())
         experiment._check()
         return experiment
 
     def to_dict(self) -> dict[str, Any]:
         """Plain YAML-safe dicts; ``from_dict(to_dict())`` gives an equal experiment."""
-        return _plain(self)
+        return plain_fields(self)
 
     def with_overrides(self, overrides: dict[str, Any]) -> Experiment:
         """A new, validated experiment with dotted keys (``model.num_proposals``) replaced."""
@@ -357,7 +367,7 @@ class Experiment:
                 setattr(self.tracking, name, str(local_path(value)))
 
     def _check(self) -> None:
-        _require(
+        require(
             bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*", self.name)), "name", "use letters, digits, '.', '_', '-'"
         )
         self.model_config(None)  # the model section must build a valid KNetConfig for this task
@@ -369,19 +379,19 @@ class Experiment:
             )
         metric = self.train.metric
         if metric.startswith("val/"):
-            _require(
+            require(
                 self.data.val is not None,
                 "train.metric",
                 f"{metric!r} needs data.val; set data.val or use 'train/loss'",
             )
             known = _VAL_METRICS[self.task]
-            _require(
+            require(
                 metric[4:] in known,
                 "train.metric",
                 f"{metric!r} is not reported for task {self.task!r}; use one of "
                 + ", ".join(f"val/{m}" for m in known),
             )
-        _require(self.data.train is not None, "data.train", "set a DataSource (format, images, ...)")
+        require(self.data.train is not None, "data.train", "set a DataSource (format, images, ...)")
         expected_format = {
             "panoptic": ("coco_panoptic", "parquet"),
             "instance": ("coco_instance", "parquet"),
@@ -391,7 +401,7 @@ class Experiment:
             source = getattr(self.data, split)
             if source is None:
                 continue
-            _require(
+            require(
                 source.format in expected_format,
                 f"data.{split}.format",
                 f"{source.format!r} does not fit task {self.task!r}; use {' or '.join(expected_format)}",
@@ -496,11 +506,6 @@ def flatten_params(experiment: Experiment) -> dict[str, str]:
 # ---- strict building from dicts ------------------------------------------------------------
 
 
-def _require(condition: bool, key: str, fix: str) -> None:
-    if not condition:
-        raise ExperimentError(f"{key}: {fix}")
-
-
 def _absolute(value: str, base: Path) -> Path:
     path = Path(value).expanduser()
     return path if path.is_absolute() else (base / path).resolve()
@@ -522,123 +527,6 @@ def _model_keys(task: str) -> set[str]:
     return keys
 
 
-def _build(cls: type, data: Any, prefix: str) -> Any:
-    """Instantiate dataclass ``cls`` from ``data`` with key and type checks (dotted ``prefix``)."""
-    where = prefix.rstrip(".") or "the experiment"
-    if isinstance(data, cls):
-        return data
-    if data is None and cls is not Experiment:
-        data = {}
-    if not isinstance(data, dict):
-        raise ExperimentError(f"{where}: expected a mapping, got {type(data).__name__} {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in data.items():
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f"did you mean '{prefix}{close[0]}'?" if close else f"known keys: {', '.join(names)}"
-            raise ExperimentError(f"unknown key '{prefix}{key}': {hint}")
-        kwargs[key] = _conform(value, hints[key], f"{prefix}{key}")
-    missing = [f.name for f in dataclasses.fields(cls) if f.name not in kwargs and _required(f)]
-    if missing:
-        raise ExperimentError(f"{prefix}{missing[0]} is missing: add it to the YAML")
-    try:
-        return cls(**kwargs)
-    except ExperimentError:
-        raise
-    except (ValueError, TypeError) as error:
-        raise ExperimentError(f"{where}: {error}") from None
-
-
-def _required(f: dataclasses.Field) -> bool:
-    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-
-
-def _conform(value: Any, tp: Any, key: str) -> Any:
-    """``value`` checked against type ``tp`` (ints accepted for floats); raises naming ``key``."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        options = [a for a in args if a is not type(None)]
-        errors = []
-        for option in options:
-            try:
-                return _conform(value, option, key)
-            except ExperimentError as error:
-                errors.append(error)
-        if len(options) == 1:
-            raise errors[0]
-        raise ExperimentError(f"{key}: expected {_name(tp)}, got {value!r}")
-    if origin is Literal:
-        if value not in args:
-            raise ExperimentError(f"{key}: {value!r} is not allowed; use one of {', '.join(map(repr, args))}")
-        return value
-    if tp is Any:
-        return value
-    if tp in (DataSource, TransformConfig):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, dict):
-            raise ExperimentError(f"{key}: expected a mapping ({tp.__name__}), got {value!r}")
-        try:
-            return tp.from_dict(value)
-        except (ValueError, TypeError) as error:
-            raise ExperimentError(f"{key}: {error}") from None
-    if tp is SearchSpec:
-        return _search_spec(value, key)
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, f"{key}.")
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ExperimentError(f"{key}: expected true/false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ExperimentError(f"{key}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ExperimentError(f"{key}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ExperimentError(f"{key}: expected a string, got {value!r}")
-        return value
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise ExperimentError(f"{key}: expected a list, got {value!r}")
-        return [_conform(item, args[0], f"{key}[{i}]") for i, item in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ExperimentError(f"{key}: expected a mapping, got {value!r}")
-        return {_conform(k, args[0], key): _conform(v, args[1], f"{key}.{k}") for k, v in value.items()}
-    raise TypeError(f"experiment schema: no rule for type {tp!r} at {key}")  # a bug here, not in the YAML
-
-
-def _name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _search_spec(value: Any, key: str) -> SearchSpec:
-    if isinstance(value, SearchSpec):
-        return value
-    ops = typing.get_args(typing.get_type_hints(SearchSpec)["op"])
-    if not (isinstance(value, dict) and len(value) == 1):
-        raise ExperimentError(
-            f"{key}: write one operator, e.g. {{choice: [50, 100]}}; operators: {', '.join(ops)}"
-        )
-    ((op, args),) = value.items()
-    if op not in ops:
-        close = difflib.get_close_matches(str(op), ops, n=1)
-        hint = f"did you mean '{close[0]}'?" if close else f"use one of {', '.join(ops)}"
-        raise ExperimentError(f"{key}: unknown operator '{op}': {hint}")
-    if not isinstance(args, list) or not args:
-        raise ExperimentError(f"{key}.{op}: expected a non-empty list, got {args!r}")
-    return SearchSpec(op=op, args=list(args))
-
-
 def _check_spec(key: str, spec: SearchSpec) -> None:
     arity = _SPEC_ARITY.get(spec.op)
     where = f"tune.space.{key}.{spec.op}"
@@ -652,17 +540,3 @@ def _check_spec(key: str, spec: SearchSpec) -> None:
         raise ExperimentError(f"{where}: low must be < high, got {spec.args!r}")
     if spec.op == "loguniform" and spec.args[0] <= 0:
         raise ExperimentError(f"{where}: loguniform needs low > 0, got {spec.args!r}")
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, SearchSpec):
-        return value.to_dict()
-    if isinstance(value, (DataSource, TransformConfig)):
-        return _plain(value.to_dict())
-    if dataclasses.is_dataclass(value):
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
