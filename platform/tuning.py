@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import tempfile
 import time
 import uuid
@@ -27,25 +26,28 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from knet_platform.checkpointing import load_checkpoint
-from knet_platform.errors import KnetUserError, RunFailedError
+from knet_platform.errors import RunFailedError
 from knet_platform.knet_adapter import build_datasets, prepare_data, write_bundle
 from knet_platform.ray_runtime import start_ray, stop_ray
 from knet_platform.redaction import redact, redact_text
 from knet_platform.registry import RegisteredModel, log_and_register
+from knet_platform.search_record import NothingToResumeError, latest_record, write_record
+from knet_platform.search_settings import (
+    max_epochs,
+    metric_and_mode,
+    require_optuna,
+    space_of,
+    stopped_early,
+    validate_search,
+)
 from knet_platform.search_space import (
     MaskedSpace,
     SearchSpaceError,
     TrialBudget,
-    check_value_type,
-    combinations_to_check,
-    field_type,
     mask_space,
     num_trials,
     param_space,
     plan_budget,
-    require_concurrency_when_waiting,
-    resolve_space,
-    values_to_check,
 )
 from knet_platform.tracking import (
     TrackingTarget,
@@ -56,21 +58,13 @@ from knet_platform.tracking import (
     reopen_run,
     resolve_tracking,
 )
-from knet_platform.trainer import validate_for_training
 from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
 if TYPE_CHECKING:
     from knet_platform.experiment import Experiment
 
-# next to the Tune results: which search and MLflow run to resume, with the tracking URI in its masked
-# form (resume compares masked forms, as a plain run's record does)
-SEARCH_RECORD = "knet_search.json"
 TRIAL_TAG, SEARCH_TAG = "knet.trial_id", "knet.search"
-
-
-class NothingToResumeError(KnetUserError, FileNotFoundError):
-    """``--resume`` found no search of this experiment to continue."""
 
 
 @dataclass(frozen=True)
@@ -149,14 +143,14 @@ def run_search(experiment: Experiment, *, resume: bool = False) -> SearchSummary
         raise SearchSpaceError(
             "the experiment has no tune section; run it with knet run as a single training run"
         )
-    metric, mode = _metric_and_mode(experiment)
+    metric, mode = metric_and_mode(experiment)
     validate_search(experiment)
-    space = _space_of(experiment)
+    space = space_of(experiment)
     masked = mask_space(space)  # what Tune sees, prints and stores
     target = resolve_tracking(experiment)
     check_tracking_reachable(target.tracking_uri)
     prepare_data(experiment)
-    record = _latest_record(target, experiment.name) if resume else None
+    record = latest_record(target, experiment.name) if resume else None
 
     runtime = start_ray(num_cpus=None)
     try:
@@ -228,99 +222,14 @@ def run_search(experiment: Experiment, *, resume: bool = False) -> SearchSummary
     return summary
 
 
-def validate_search(experiment: Experiment) -> None:
-    """Everything about the ``tune`` section checkable without Ray: the space suits the search
-    algorithm (which is installed), each entry parses, no continuous range feeds an integer field,
-    every value a trial can receive gives a valid experiment (every listed value and every value of a
-    small integer range; a long range: its ends and a sample; a continuous range: its ends and middle),
-    and so do the entries' values together (all combinations of a small space, else a sample); the
-    scheduler's budget matches ``train.epochs``; the metric is reported every epoch (ASHA decides on
-    it after each one)."""
-    settings = experiment.tune
-    space = _space_of(experiment)  # raises SearchSpaceError for a space search_alg cannot run
-    if settings.search_alg == "optuna":
-        _require_optuna()
-    param_space(space)  # raises SearchSpaceError naming the entry
-    for key, (op, _) in space.items():
-        check_value_type(key, op, field_type(key))
-    _check_scheduler(experiment)
-    raw = experiment.to_dict()
-    raw.pop("tune")
-    base = type(experiment).from_dict(raw)  # without its tune section: each check builds one experiment
-    candidates = {key: values_to_check(op, args) for key, (op, args) in space.items()}
-    for key, values in candidates.items():
-        for value in values:
-            try:
-                base.with_overrides({key: value})
-            except (ValueError, TypeError, KeyError) as error:
-                raise SearchSpaceError(
-                    f"tune.space.{key}: value {value!r} is not valid there: {error}"
-                ) from None
-    if len(candidates) > 1:
-        for values in combinations_to_check(candidates):
-            try:
-                base.with_overrides(values)
-            except (ValueError, TypeError, KeyError) as error:
-                together = ", ".join(f"{key}={value!r}" for key, value in values.items())
-                raise SearchSpaceError(
-                    f"tune.space: values valid one by one are not valid together ({together}): {error}"
-                ) from None
-    metric, _ = _metric_and_mode(experiment)
-    if metric.startswith("val/") and experiment.train.eval_interval != 1:
-        raise SearchSpaceError(
-            f"tune.metric={metric!r} is evaluated every {experiment.train.eval_interval} epochs, but the "
-            "scheduler needs it every epoch: set train.eval_interval=1 (or search on a train/ metric)."
-        )
-    if settings.trial_driver_cpus <= 0:
-        raise SearchSpaceError("tune.trial_driver_cpus must be > 0 (each trial's driver holds a CPU share)")
-    require_concurrency_when_waiting(experiment.scaling.wait_for_resources, settings.max_concurrent_trials)
-    validate_for_training(experiment)
-
-
 def _start_search(experiment: Experiment, target: TrackingTarget, max_concurrent: int) -> tuple[str, str]:
     """A new search: its name, its MLflow parent run (params and the resolved YAML, secrets masked) and
     the record ``--resume`` reads; returns (search name, parent run id)."""
     search_name = f"{experiment.name}-search-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     parent_run_id = create_run(target, search_name, tags={SEARCH_TAG: search_name})
-    _write_record(target, experiment.name, search_name, parent_run_id, max_concurrent)
+    write_record(target, experiment.name, search_name, parent_run_id, max_concurrent)
     log_experiment(target.tracking_uri, parent_run_id, experiment)
     return search_name, parent_run_id
-
-
-def _check_scheduler(experiment: Experiment) -> None:
-    """The scheduler's per-trial budget is ``train.epochs``: ASHA's ``max_t`` (``tune.scheduler.
-    max_epochs``) defaults to it and must not differ, else trials are mislabelled (a max_t above
-    train.epochs marks every trial STOPPED_EARLY and its top rungs are never reached; one below cuts
-    every trial mid-schedule and calls it COMPLETED), and "same budget per trial" comparisons break."""
-    scheduler, epochs = experiment.tune.scheduler, experiment.train.epochs
-    if scheduler.max_epochs is not None and scheduler.max_epochs != epochs:
-        raise SearchSpaceError(
-            f"tune.scheduler.max_epochs={scheduler.max_epochs} differs from train.epochs={epochs}: a trial "
-            f"trains train.epochs epochs, and ASHA's max_t must be that budget. Set max_epochs: null (it "
-            f"then follows train.epochs) or {epochs}; to change the per-trial budget, set train.epochs."
-        )
-    if scheduler.type == "asha":
-        if "train.epochs" in experiment.tune.space:
-            raise SearchSpaceError(
-                "tune.space.train.epochs: ASHA gives every trial the same budget (max_t = train.epochs) "
-                "and decides when to stop it; remove train.epochs from the space, or use scheduler fifo."
-            )
-        if scheduler.grace_period > epochs:
-            raise SearchSpaceError(
-                f"tune.scheduler.grace_period={scheduler.grace_period} is more than train.epochs={epochs}: "
-                "ASHA could never stop a trial early; lower grace_period (or use scheduler fifo)."
-            )
-
-
-def _require_optuna() -> None:
-    try:
-        import optuna  # noqa: F401
-        from ray.tune.search.optuna import OptunaSearch  # noqa: F401
-    except ImportError as error:
-        raise SearchSpaceError(
-            "tune.search_alg=optuna needs the optuna package: pip install 'knet-platform[optuna]' "
-            f"(or use search_alg: random) [{error}]"
-        ) from None
 
 
 def _run_trial(
@@ -396,7 +305,7 @@ def _tuner(
     from ray import tune
 
     settings = experiment.tune
-    metric, mode = _metric_and_mode(experiment)
+    metric, mode = metric_and_mode(experiment)
     callback = TrialRunCloser(target, parent_run_id, experiment)
     if resume:
         path = f"{target.storage_path.rstrip('/')}/{search_name}"
@@ -437,7 +346,7 @@ def _scheduler(experiment: Experiment) -> Any:
         return FIFOScheduler()
     return ASHAScheduler(
         time_attr="epoch",
-        max_t=_max_epochs(experiment),
+        max_t=max_epochs(experiment),
         grace_period=scheduler.grace_period,
         reduction_factor=scheduler.reduction_factor,
     )
@@ -446,7 +355,7 @@ def _scheduler(experiment: Experiment) -> Any:
 def _search_alg(experiment: Experiment, metric: str, mode: str) -> Any:
     if experiment.tune.search_alg in ("random", "grid"):
         return None  # Tune's variant generator: grid entries expanded (all of them for grid), others sampled
-    _require_optuna()
+    require_optuna()
     from ray.tune.search.optuna import OptunaSearch
 
     return OptunaSearch(metric=metric, mode=mode)
@@ -464,7 +373,7 @@ class TrialRunCloser(Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         epochs = int((trial.last_result or {}).get("epoch", 0))
-        stopped = _stopped_early(self.experiment, epochs)
+        stopped = stopped_early(self.experiment, epochs)
         self._end(trial, "FINISHED", {"knet.stopped_early": str(stopped).lower()})
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -489,7 +398,7 @@ def _summarise(
     results_path: str,
 ) -> SearchSummary:
     """The trial table from Tune's results, and the best trial's model registered."""
-    metric, mode = _metric_and_mode(experiment)
+    metric, mode = metric_and_mode(experiment)
     trials = []
     for result in grid:
         trial_id = str(result.metrics.get("trial_id") or Path(result.path).name)
@@ -498,7 +407,7 @@ def _summarise(
         if result.error is not None:
             status = "ERROR"
         else:
-            status = "STOPPED_EARLY" if _stopped_early(experiment, epochs) else "COMPLETED"
+            status = "STOPPED_EARLY" if stopped_early(experiment, epochs) else "COMPLETED"
         trials.append(
             TrialRecord(
                 trial_id=trial_id,
@@ -562,7 +471,7 @@ def _register_best(
 ) -> RegisteredModel:
     from ray.train import Checkpoint
 
-    metric, mode = _metric_and_mode(experiment)
+    metric, mode = metric_and_mode(experiment)
     trial_experiment = experiment.with_overrides(masked.reveal(best.overrides))
     with tempfile.TemporaryDirectory(prefix="knet-search-") as scratch:
         with Checkpoint(best.checkpoint).as_directory() as folder:
@@ -603,75 +512,6 @@ def _child_run(target: TrackingTarget, parent_run_id: str, trial_id: str) -> str
         max_results=1,
     )
     return runs[0].info.run_id if runs else None
-
-
-def _space_of(experiment: Experiment) -> dict[str, tuple[str, list[Any]]]:
-    """The space as Tune runs it under ``tune.search_alg`` (see ``resolve_space``)."""
-    settings = experiment.tune
-    written = {key: (spec.op, list(spec.args)) for key, spec in settings.space.items()}
-    return resolve_space(written, settings.search_alg, settings.num_samples)
-
-
-def _metric_and_mode(experiment: Experiment) -> tuple[str, str]:
-    settings = experiment.tune
-    return settings.metric or experiment.train.metric, settings.mode or experiment.train.mode
-
-
-def _max_epochs(experiment: Experiment) -> int:
-    return experiment.tune.scheduler.max_epochs or experiment.train.epochs
-
-
-def _stopped_early(experiment: Experiment, epochs: int) -> bool:
-    """Whether a trial that ended without error after ``epochs`` epochs was stopped by the scheduler
-    (only ASHA stops trials; validation made its max_t equal to train.epochs)."""
-    return experiment.tune.scheduler.type == "asha" and epochs < _max_epochs(experiment)
-
-
-def _record_path(target: TrackingTarget, experiment_name: str) -> Path:
-    if "://" in target.storage_path:
-        raise SearchSpaceError(
-            f"--resume keeps its search record next to the Tune results, which needs a local or mounted "
-            f"tracking.storage_path (got {redact_text(target.storage_path)})."
-        )
-    return Path(target.storage_path) / f"{experiment_name}.{SEARCH_RECORD}"
-
-
-def _write_record(
-    target: TrackingTarget, experiment_name: str, search_name: str, run_id: str, max_concurrent: int
-) -> None:
-    if "://" in target.storage_path:
-        shown = redact_text(target.storage_path)
-        print(f"note: tracking.storage_path {shown} is remote; this search cannot be --resumed")
-        return
-    path = _record_path(target, experiment_name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    record = {
-        "search_name": search_name,
-        "mlflow_run_id": run_id,
-        "tracking_uri": redact_text(target.tracking_uri),
-        "max_concurrent_trials": max_concurrent,  # what Tune will restore on --resume
-    }
-    # temp file + rename: a driver killed mid-write leaves the previous record whole, never half of one
-    partial = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    partial.write_text(json.dumps(record, indent=2))
-    os.replace(partial, path)
-
-
-def _latest_record(target: TrackingTarget, experiment_name: str) -> dict[str, Any]:
-    path = _record_path(target, experiment_name)
-    if not path.is_file():
-        raise NothingToResumeError(
-            f"nothing to resume: no search of {experiment_name!r} was recorded under {target.storage_path} "
-            f"({path.name} is missing). Start it without --resume (or set the KNET_HOME or "
-            "tracking.storage_path the search was started with)."
-        )
-    record = json.loads(path.read_text())
-    if redact_text(record["tracking_uri"]) != redact_text(target.tracking_uri):
-        raise SearchSpaceError(
-            f"the search to resume logged to {redact_text(record['tracking_uri'])}, but tracking.uri is now "
-            f"{redact_text(target.tracking_uri)}; resume with the same tracking.uri."
-        )
-    return record
 
 
 def _trial_error(trial: Any) -> str:

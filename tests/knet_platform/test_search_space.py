@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from knet_platform.experiment import ExperimentError
+from knet_platform.search_settings import validate_search
 from knet_platform.search_space import (
     SearchSpaceError,
     check_value_type,
@@ -22,7 +23,6 @@ from knet_platform.search_space import (
     to_domain,
     values_to_check,
 )
-from knet_platform.tuning import validate_search
 from ray.tune.search.sample import Categorical, Float, Integer
 
 from tests.knet_platform.tiny_run import load_tiny, tune_overrides

@@ -57,8 +57,8 @@ def test_a_listed_space_value_that_makes_an_invalid_experiment_is_refused_when_t
 
 
 def test_a_range_whose_upper_end_is_invalid_is_refused_before_ray_starts(tmp_path: Path) -> None:
+    from knet_platform.search_settings import validate_search
     from knet_platform.search_space import SearchSpaceError
-    from knet_platform.tuning import validate_search
 
     experiment = load_tiny(
         tmp_path,
@@ -72,21 +72,21 @@ def test_a_range_whose_upper_end_is_invalid_is_refused_before_ray_starts(tmp_pat
 
 def test_the_tune_quickstart_yaml_loads_and_its_search_validates() -> None:
     from knet_platform.experiment import load_experiment
+    from knet_platform.search_settings import max_epochs, space_of, validate_search
     from knet_platform.search_space import num_trials
-    from knet_platform.tuning import _max_epochs, _space_of, validate_search
 
     experiment = load_experiment(REPO / "experiments" / "tune_quickstart.yaml")
     validate_search(experiment)
-    space = _space_of(experiment)
+    space = space_of(experiment)
     assert {"model.num_proposals", "model.num_stages", "train.lr"} <= set(space)
     assert len([key for key in space if key.startswith("model.update.")]) >= 2
     assert num_trials(space, experiment.tune.num_samples) >= 4
     assert experiment.tune.scheduler.type == "asha"
-    assert _max_epochs(experiment) == experiment.train.epochs
+    assert max_epochs(experiment) == experiment.train.epochs
     # the per-trial budget moves with train.epochs (the benchmark's --epochs relies on it)
     longer = load_experiment(REPO / "experiments" / "tune_quickstart.yaml", ["train.epochs=8"])
     validate_search(longer)
-    assert _max_epochs(longer) == 8
+    assert max_epochs(longer) == 8
 
 
 @pytest.mark.parametrize(
@@ -154,21 +154,19 @@ def test_no_secret_of_tracking_uri_or_a_trial_value_reaches_the_searchs_mlflow_r
     from types import SimpleNamespace
 
     from knet_platform.errors import KnetUserError
+    from knet_platform.search_record import NothingToResumeError, latest_record, write_record
+    from knet_platform.search_settings import space_of
     from knet_platform.search_space import SearchSpaceError, mask_space
     from knet_platform.tracking import create_run, resolve_tracking
     from knet_platform.tuning import (
         SEARCH_TAG,
         TRIAL_TAG,
-        NothingToResumeError,
         SearchSummary,
         TrialRecord,
         TrialRunCloser,
-        _latest_record,
         _log_results,
         _log_trial,
-        _space_of,
         _start_search,
-        _write_record,
     )
 
     space = (
@@ -177,7 +175,7 @@ def test_no_secret_of_tracking_uri_or_a_trial_value_reaches_the_searchs_mlflow_r
     experiment = load_tiny(tmp_path, *tune_overrides(lrs=[1e-3]), f"tune.space={space}", workers=1)
     target = resolve_tracking(experiment)  # a local store; the experiment's own tracking.uri is only logged
     experiment = experiment.with_overrides({"tracking.uri": SECRET_URI})
-    masked = mask_space(_space_of(experiment))
+    masked = mask_space(space_of(experiment))
 
     search_name, parent_run_id = _start_search(experiment, target, max_concurrent=1)
     config = {
@@ -202,16 +200,16 @@ def test_no_secret_of_tracking_uri_or_a_trial_value_reaches_the_searchs_mlflow_r
         "train/loss", "min", [trial], trial, parent_run_id, remote.storage_path, "ui", None
     )
     print(summary.render())
-    _write_record(remote, experiment.name, search_name, parent_run_id, 1)  # prints a note, writes nothing
+    write_record(remote, experiment.name, search_name, parent_run_id, 1)  # prints a note, writes nothing
 
     # the --resume record: the masked URI, compared in masked form (a rotated password still resumes)
-    _write_record(replace(target, tracking_uri=SECRET_URI), "secret", search_name, parent_run_id, 1)
+    write_record(replace(target, tracking_uri=SECRET_URI), "secret", search_name, parent_run_id, 1)
     rotated = replace(target, tracking_uri=SECRET_URI.replace("hunter2", "hunter3"))
-    assert _latest_record(rotated, "secret")["tracking_uri"] == "https://***@mlflow.example.com/?token=***"
+    assert latest_record(rotated, "secret")["tracking_uri"] == "https://***@mlflow.example.com/?token=***"
     with pytest.raises(SearchSpaceError, match=r"logged to https://\*\*\*@mlflow.example.com/") as moved:
-        _latest_record(replace(target, tracking_uri="https://alice:hunter2@elsewhere"), "secret")
+        latest_record(replace(target, tracking_uri="https://alice:hunter2@elsewhere"), "secret")
     with pytest.raises(NothingToResumeError) as missing:
-        _latest_record(target, "never-started")
+        latest_record(target, "never-started")
     assert isinstance(moved.value, KnetUserError) and isinstance(missing.value, KnetUserError)
 
     client = MlflowClient(tracking_uri=target.tracking_uri)
