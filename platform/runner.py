@@ -9,9 +9,7 @@ wins. What is printed and logged has its secrets masked (``knet_platform.redacti
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import tempfile
 import time
 import uuid
@@ -26,6 +24,7 @@ from knet_platform.knet_adapter import build_datasets, prepare_data, write_bundl
 from knet_platform.ray_runtime import check_capacity, start_ray, stop_ray
 from knet_platform.redaction import redact_text
 from knet_platform.registry import RegisteredModel, log_and_register, pinned_requirements
+from knet_platform.resume_record import latest_record, write_record
 from knet_platform.tracking import (
     RunLogger,
     TrackingTarget,
@@ -41,10 +40,6 @@ from knet_platform.trainer import build_trainer, validate_for_training
 
 if TYPE_CHECKING:
     from knet_platform.experiment import Experiment
-
-# next to the Ray results (local only): which MLflow run a Ray run logs into, with the tracking URI
-# in its masked form (resume compares masked forms, so a rotated password does not block a resume)
-RUN_RECORD = "knet_run.json"
 
 
 @dataclass
@@ -99,10 +94,10 @@ def run_experiment(
     target = resolve_tracking(experiment)
     validate_for_training(experiment)
     check_tracking_reachable(target.tracking_uri)
+    record = latest_record(target, experiment.name, "run") if resume else None
     ensure_experiment(target)  # refuses a changed artifact location before anything runs
     pinned_requirements()  # the model's serving requirements, before hours of training
     prepare_data(experiment)
-    record = _latest_record(target, experiment.name) if resume else None
 
     runtime = start_ray(num_cpus=None)
     try:
@@ -115,7 +110,7 @@ def run_experiment(
             # unique per run: Ray Train resumes any earlier run with the same name and storage path
             run_name = f"{experiment.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
             run_id = create_run(target, run_name, tags={"knet.ray_run_name": run_name})
-            _write_record(target, experiment.name, run_name, run_id)
+            write_record(target, experiment.name, "run", {"ray_run_name": run_name, "mlflow_run_id": run_id})
         try:
             log_experiment(target.tracking_uri, run_id, experiment)
             summary = _fit_and_register(experiment, target, run_name, run_id, from_checkpoint)
@@ -206,47 +201,3 @@ def _local_checkpoint(source: str, target: TrackingTarget, scratch: Path) -> str
         local = str(Path(source).expanduser().resolve())
     load_checkpoint(local)  # fails now, naming the folder, if it is not a training checkpoint
     return local
-
-
-def _record_path(target: TrackingTarget, experiment_name: str) -> Path:
-    if "://" in target.storage_path:
-        raise ValueError(
-            f"--resume keeps its run record next to the Ray results, which needs a local or mounted "
-            f"tracking.storage_path (got {redact_text(target.storage_path)})."
-        )
-    return Path(target.storage_path) / f"{experiment_name}.{RUN_RECORD}"
-
-
-def _write_record(target: TrackingTarget, experiment_name: str, run_name: str, run_id: str) -> None:
-    if "://" in target.storage_path:
-        shown = redact_text(target.storage_path)
-        print(f"note: tracking.storage_path {shown} is remote; this run cannot be --resumed")
-        return
-    path = _record_path(target, experiment_name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    record = {
-        "ray_run_name": run_name,
-        "mlflow_run_id": run_id,
-        "tracking_uri": redact_text(target.tracking_uri),
-    }
-    # temp file + rename: a driver killed mid-write leaves the previous record whole, never half of one
-    partial = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    partial.write_text(json.dumps(record, indent=2))
-    os.replace(partial, path)
-
-
-def _latest_record(target: TrackingTarget, experiment_name: str) -> dict[str, str]:
-    path = _record_path(target, experiment_name)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"nothing to resume: no run of {experiment_name!r} was recorded under {target.storage_path} "
-            f"({path.name} is missing). Start it without --resume (or set the KNET_HOME or "
-            "tracking.storage_path the run was started with)."
-        )
-    record = json.loads(path.read_text())
-    if redact_text(record["tracking_uri"]) != redact_text(target.tracking_uri):
-        raise ValueError(
-            f"the run to resume logged to {redact_text(record['tracking_uri'])}, but tracking.uri is now "
-            f"{redact_text(target.tracking_uri)}; resume with the same tracking.uri."
-        )
-    return record

@@ -31,7 +31,7 @@ from knet_platform.knet_adapter import build_datasets, prepare_data, write_bundl
 from knet_platform.ray_runtime import start_ray, stop_ray
 from knet_platform.redaction import redact, redact_text
 from knet_platform.registry import RegisteredModel, log_and_register
-from knet_platform.search_record import NothingToResumeError, latest_record, write_record
+from knet_platform.resume_record import NothingToResumeError, latest_record, write_record
 from knet_platform.search_settings import (
     max_epochs,
     metric_and_mode,
@@ -149,8 +149,8 @@ def run_search(experiment: Experiment, *, resume: bool = False) -> SearchSummary
     masked = mask_space(space)  # what Tune sees, prints and stores
     target = resolve_tracking(experiment)
     check_tracking_reachable(target.tracking_uri)
+    record = latest_record(target, experiment.name, "search") if resume else None
     prepare_data(experiment)
-    record = latest_record(target, experiment.name) if resume else None
 
     runtime = start_ray(num_cpus=None)
     try:
@@ -227,7 +227,13 @@ def _start_search(experiment: Experiment, target: TrackingTarget, max_concurrent
     the record ``--resume`` reads; returns (search name, parent run id)."""
     search_name = f"{experiment.name}-search-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     parent_run_id = create_run(target, search_name, tags={SEARCH_TAG: search_name})
-    write_record(target, experiment.name, search_name, parent_run_id, max_concurrent)
+    write_record(
+        target,
+        experiment.name,
+        "search",
+        # max_concurrent_trials: what Tune restores on --resume (its TuneConfig cannot change)
+        {"search_name": search_name, "mlflow_run_id": parent_run_id, "max_concurrent_trials": max_concurrent},
+    )
     log_experiment(target.tracking_uri, parent_run_id, experiment)
     return search_name, parent_run_id
 

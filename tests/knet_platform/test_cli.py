@@ -118,6 +118,15 @@ def test_a_dead_tracking_server_is_one_line_naming_the_uri_and_the_fix_before_ra
     assert not run.ray_started
 
 
+@pytest.mark.parametrize("experiment, kind", [("quickstart", "run"), ("tune_quickstart", "search")])
+def test_resume_with_nothing_recorded_is_one_line_before_data_or_ray(tmp_path, experiment, kind):
+    run = knet_run(tmp_path, "--resume", str(REPO / "experiments" / f"{experiment}.yaml"))
+    line = assert_one_error_line(run, f"nothing to resume: no {kind} of '{experiment}' was recorded under")
+    assert "Start it without --resume" in line
+    assert not run.ray_started
+    assert not (tmp_path / ".knet" / "data").exists()  # the synthetic dataset was not generated for it
+
+
 @pytest.mark.slow
 @pytest.mark.ray
 def test_more_workers_than_the_local_ray_can_place_is_one_line_and_no_mlflow_run(tmp_path):

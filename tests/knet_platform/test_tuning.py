@@ -154,9 +154,14 @@ def test_no_secret_of_tracking_uri_or_a_trial_value_reaches_the_searchs_mlflow_r
     from types import SimpleNamespace
 
     from knet_platform.errors import KnetUserError
-    from knet_platform.search_record import NothingToResumeError, latest_record, write_record
+    from knet_platform.resume_record import (
+        NothingToResumeError,
+        ResumeMismatchError,
+        latest_record,
+        write_record,
+    )
     from knet_platform.search_settings import space_of
-    from knet_platform.search_space import SearchSpaceError, mask_space
+    from knet_platform.search_space import mask_space
     from knet_platform.tracking import create_run, resolve_tracking
     from knet_platform.tuning import (
         SEARCH_TAG,
@@ -200,16 +205,20 @@ def test_no_secret_of_tracking_uri_or_a_trial_value_reaches_the_searchs_mlflow_r
         "train/loss", "min", [trial], trial, parent_run_id, remote.storage_path, "ui", None
     )
     print(summary.render())
-    write_record(remote, experiment.name, search_name, parent_run_id, 1)  # prints a note, writes nothing
+    record = {"search_name": search_name, "mlflow_run_id": parent_run_id, "max_concurrent_trials": 1}
+    write_record(remote, experiment.name, "search", record)  # prints a note, writes nothing
 
     # the --resume record: the masked URI, compared in masked form (a rotated password still resumes)
-    write_record(replace(target, tracking_uri=SECRET_URI), "secret", search_name, parent_run_id, 1)
+    write_record(replace(target, tracking_uri=SECRET_URI), "secret", "search", record)
     rotated = replace(target, tracking_uri=SECRET_URI.replace("hunter2", "hunter3"))
-    assert latest_record(rotated, "secret")["tracking_uri"] == "https://***@mlflow.example.com/?token=***"
-    with pytest.raises(SearchSpaceError, match=r"logged to https://\*\*\*@mlflow.example.com/") as moved:
-        latest_record(replace(target, tracking_uri="https://alice:hunter2@elsewhere"), "secret")
+    assert (
+        latest_record(rotated, "secret", "search")["tracking_uri"]
+        == "https://***@mlflow.example.com/?token=***"
+    )
+    with pytest.raises(ResumeMismatchError, match=r"logged to https://\*\*\*@mlflow.example.com/") as moved:
+        latest_record(replace(target, tracking_uri="https://alice:hunter2@elsewhere"), "secret", "search")
     with pytest.raises(NothingToResumeError) as missing:
-        latest_record(target, "never-started")
+        latest_record(target, "never-started", "search")
     assert isinstance(moved.value, KnetUserError) and isinstance(missing.value, KnetUserError)
 
     client = MlflowClient(tracking_uri=target.tracking_uri)
