@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from knet_platform.cli import main
-from knet_platform.experiment import load_experiment
+from knet_platform.experiment import Experiment, load_experiment
 from knet_platform.knet_adapter import build_datasets, build_knet, write_bundle
 from knet_platform.predict import evaluate_bundle, load_model, predict_paths
 from PIL import Image
@@ -152,16 +152,22 @@ def test_cli_predict_on_a_missing_input_exits_2(tmp_path, capsys):
     assert code == 2 and "nope.png does not exist" in capsys.readouterr().err
 
 
-def test_evaluate_bundle_reports_val_metrics_of_the_synthetic_set(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    experiment = load_experiment(
-        REPO / "experiments" / "quickstart.yaml",
-        ["data.synthetic.num_images=4", "data.synthetic.image_size=[64, 64]", "data.synthetic.cache_dir=syn"],
-    )
-    from knet.data import build_dataset, synthesize
+def synthetic_quickstart(tmp_path: Path, num_images: int, size: int) -> tuple[Experiment, CategoryTable]:
+    """The quickstart experiment on a synthetic set written to ``tmp_path/syn``, and its categories."""
+    from knet.data import build_dataset
 
-    synthesize(tmp_path / "syn", num_images=4, seed=0, image_size=(64, 64))
-    categories = build_dataset(experiment.data.val, TRANSFORMS, train=False).categories
+    overrides = [
+        f"data.synthetic.{key}" for key in (f"num_images={num_images}", f"image_size=[{size}, {size}]")
+    ]
+    experiment = load_experiment(
+        REPO / "experiments" / "quickstart.yaml", [*overrides, f"data.synthetic.cache_dir={tmp_path / 'syn'}"]
+    )
+    synthesize(tmp_path / "syn", num_images=num_images, seed=0, image_size=(size, size))
+    return experiment, build_dataset(experiment.data.val, TRANSFORMS, train=False).categories
+
+
+def test_evaluate_bundle_reports_val_metrics_of_the_synthetic_set(tmp_path):
+    experiment, categories = synthetic_quickstart(tmp_path, num_images=4, size=64)
     bundle = load_model(tiny_bundle(tmp_path / "bundle", categories=categories))
     metrics = evaluate_bundle(bundle, experiment)
     assert {"val/pq", "val/mask_ap", "val/miou"} <= set(metrics)
@@ -179,18 +185,11 @@ def test_numeric_file_stems_become_coco_image_ids(tmp_path):
 
 
 def test_evaluate_bundle_scores_at_the_original_size_like_evaluate_results_on_written_files(
-    tmp_path, monkeypatch
+    tmp_path,
 ):
-    monkeypatch.chdir(tmp_path)
-    experiment = load_experiment(
-        REPO / "experiments" / "quickstart.yaml",
-        ["data.synthetic.num_images=8", "data.synthetic.image_size=[96, 96]", "data.synthetic.cache_dir=syn"],
-    )
-    from knet.data import build_dataset
     from knet.evaluation import evaluate_results, write_semantic_png
 
-    synthesize(tmp_path / "syn", num_images=8, seed=0, image_size=(96, 96))
-    categories = build_dataset(experiment.data.val, TRANSFORMS, train=False).categories
+    experiment, categories = synthetic_quickstart(tmp_path, num_images=8, size=96)
     half = dataclasses.replace(TRANSFORMS, test_short_side=48, test_max_size=48)  # the model sees 48x48
     bundle = load_model(tiny_bundle(tmp_path / "bundle", categories=categories, transforms=half))
     metrics = evaluate_bundle(bundle, experiment)
