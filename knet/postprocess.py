@@ -310,7 +310,8 @@ def semantic_inference(
 ) -> list[SemanticPrediction]:
     """Semantic variant: class_logits (B, K, h, w) -> bilinear to the padded size, crop, argmax.
 
-    class_scores keep the softmax at the coarse (h, w) resolution over the whole padded frame.
+    class_logits (raw) and class_scores (their softmax) stay at the coarse (h, w) resolution over the
+    whole padded frame.
     """
     predictions = []
     for b, (height, width) in enumerate(image_sizes):
@@ -318,8 +319,9 @@ def semantic_inference(
             class_logits[b : b + 1].float(), size=padded_size, mode="bilinear", align_corners=False
         )
         label_map = logits[0, :, :height, :width].max(0).indices  # (K, H, W) -> (H, W); = argmax, faster
+        coarse = class_logits[b].detach().float()
         predictions.append(
-            SemanticPrediction(label_map=label_map, class_scores=class_logits[b].float().softmax(0))
+            SemanticPrediction(label_map=label_map, class_scores=coarse.softmax(0), class_logits=coarse)
         )
     return predictions
 

@@ -78,13 +78,17 @@ class InstancePrediction:
 class SemanticPrediction:
     """label_map: (H, W) int64 class per pixel; class_scores: (K, h, w) float or None, per-class
     scores at the model's output resolution (kept coarse on purpose: K x H x W floats at full
-    image size would cost hundreds of MB for COCO-sized images)."""
+    image size would cost hundreds of MB for COCO-sized images). class_logits: (K, h, w), the semantic
+    variant's raw per-class logits over the padded frame (class_scores is their softmax; label_map is
+    their bilinear upsampling's argmax); None for the semantic part of a panoptic model, whose scores
+    are mask votes, not logits."""
 
     label_map: Tensor
     class_scores: Tensor | None = None
+    class_logits: Tensor | None = None
 
     def resized(self, size: tuple[int, int]) -> SemanticPrediction:
-        return SemanticPrediction(_resize_nearest(self.label_map, size), self.class_scores)
+        return SemanticPrediction(_resize_nearest(self.label_map, size), self.class_scores, self.class_logits)
 
 
 @dataclass

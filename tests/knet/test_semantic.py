@@ -40,15 +40,22 @@ def semantic_model(decode_head: str = "uper", **overrides: object) -> KNet:
 
 
 def assert_semantic_prediction(
-    semantic: SemanticPrediction, size: tuple[int, int], coarse: tuple[int, int]
+    semantic: SemanticPrediction, size: tuple[int, int], padded: tuple[int, int], stride: int
 ) -> None:
-    """label_map: a class per pixel at the image size; class_scores: a softmax over the classes at the
-    last stage's resolution of the padded input."""
+    """label_map: a class per pixel at the image size; class_logits: the raw per-class logits at the
+    last stage's resolution of the padded input; class_scores: their softmax; label_map: the argmax
+    of the logits upsampled (bilinear) to the padded input, cropped to the image."""
+    coarse = (padded[0] // stride, padded[1] // stride)
     assert tuple(semantic.label_map.shape) == size and semantic.label_map.dtype == torch.int64
     assert int(semantic.label_map.min()) >= 0 and int(semantic.label_map.max()) < NUM_CLASSES
-    assert semantic.class_scores.shape == (NUM_CLASSES, *coarse)
-    assert semantic.class_scores.dtype == torch.float32
+    assert semantic.class_scores.shape == semantic.class_logits.shape == (NUM_CLASSES, *coarse)
+    assert semantic.class_scores.dtype == semantic.class_logits.dtype == torch.float32
     torch.testing.assert_close(semantic.class_scores.sum(0), torch.ones(coarse))
+    torch.testing.assert_close(
+        semantic.class_scores, torch.softmax(semantic.class_logits.double(), 0).float()
+    )
+    upsampled = torch.nn.functional.interpolate(semantic.class_logits[None], size=padded, mode="bilinear")
+    assert torch.equal(upsampled[0, :, : size[0], : size[1]].argmax(0), semantic.label_map)
 
 
 @pytest.mark.parametrize("decode_head", ["fcn", "psp", "aspp", "uper"])
@@ -73,7 +80,7 @@ def test_each_decode_head_gives_a_loss_per_logit_map_and_a_label_map_at_each_ima
     assert len(predictions) == 2
     for prediction, size in zip(predictions, sizes, strict=True):
         assert prediction.panoptic is None and prediction.instance is None
-        assert_semantic_prediction(prediction.semantic, size, (128 // stride, 160 // stride))
+        assert_semantic_prediction(prediction.semantic, size, (128, 160), stride)
 
 
 def test_a_one_image_batch_gives_finite_losses_and_one_prediction_at_its_odd_size() -> None:
@@ -86,7 +93,7 @@ def test_a_one_image_batch_gives_finite_losses_and_one_prediction_at_its_odd_siz
     with torch.no_grad():
         predictions = model.eval()(data.images)
     assert len(predictions) == 1 and predictions[0].image_size == (100, 131)
-    assert_semantic_prediction(predictions[0].semantic, (100, 131), (128 // 8, 160 // 8))
+    assert_semantic_prediction(predictions[0].semantic, (100, 131), (128, 160), 8)
 
 
 def test_dilated_heads_use_output_stride_8_and_a_256_channel_updator_on_512_channel_kernels() -> None:
