@@ -95,9 +95,12 @@ class ModelBundle:
                 for i, image in enumerate(images[start : start + self.batch_size])
             ]
             batch = collate_batch(samples)
-            outputs = self.model(batch.images.to(device), image_sizes=batch.image_sizes)
-            for output, meta in zip(outputs, batch.metas):
-                predictions.append(prediction_to_cpu(output).resized(meta["orig_size"]))
+            # at the original size, probabilities resized before the merge (the reference's rescale)
+            originals = [meta["orig_size"] for meta in batch.metas]
+            outputs = self.model(
+                batch.images.to(device), image_sizes=batch.image_sizes, output_sizes=originals
+            )
+            predictions.extend(prediction_to_cpu(output) for output in outputs)
         return predictions
 
     def _prepare(self, image: np.ndarray, index: int) -> tuple[torch.Tensor, dict, dict]:

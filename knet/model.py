@@ -25,10 +25,13 @@ PostProcessor = Callable[..., list[Prediction]]
 
 
 class KNet(nn.Module):
-    """forward(images (B, 3, H, W) float, targets=None, image_sizes=None).
+    """forward(images (B, 3, H, W) float, targets=None, image_sizes=None, output_sizes=None).
 
     train(): dict[str, Tensor] of weighted losses (sum them). eval(): list[Prediction] at each image's size.
     ``image_sizes`` (per image (h, w) <= (H, W)) is None when every image fills the batch tensor.
+    ``output_sizes`` (eval only; per image, usually its size before the test-time resize): predict at
+    that size instead, resizing probabilities bilinearly before thresholds and merging, as the
+    reference's ``rescale=True`` does.
     Images are zero-padded bottom/right to a multiple of ``size_divisor`` before the backbone.
     """
 
@@ -59,11 +62,15 @@ class KNet(nn.Module):
         images: Tensor,
         targets: list[dict[str, Any]] | None = None,
         image_sizes: Sequence[tuple[int, int]] | None = None,
+        output_sizes: Sequence[tuple[int, int]] | None = None,
     ) -> dict[str, Tensor] | list[Prediction]:
         sizes = self._check_images(images, image_sizes)
+        outputs = self._check_output_sizes(output_sizes, len(sizes))
         if self.training:
             if targets is None:
                 raise ValueError("targets is required in train mode (call model.eval() for predictions)")
+            if outputs is not None:
+                raise ValueError("output_sizes applies to predictions: call model.eval() first")
             self._check_targets(targets, sizes)
         padded = self._pad(images)
         padded_size = (padded.shape[-2], padded.shape[-1])
@@ -78,7 +85,11 @@ class KNet(nn.Module):
             cls_logits = last.cls_logits if last is not None else None
             mask_logits = last.mask_logits if last is not None else head.mask_logits
             return self.postprocessor(
-                cls_logits=cls_logits, mask_logits=mask_logits, image_sizes=sizes, padded_size=padded_size
+                cls_logits=cls_logits,
+                mask_logits=mask_logits,
+                image_sizes=sizes,
+                padded_size=padded_size,
+                output_sizes=outputs,
             )
 
     def predict_stages(self, padded: Tensor) -> tuple[KernelHeadOutput, list[StageOutput]]:
@@ -105,6 +116,24 @@ class KNet(nn.Module):
         if pad_h == 0 and pad_w == 0:
             return images
         return F.pad(images, (0, pad_w, 0, pad_h))  # zeros at the bottom/right
+
+    @staticmethod
+    def _check_output_sizes(
+        output_sizes: Sequence[tuple[int, int]] | None, batch: int
+    ) -> list[tuple[int, int]] | None:
+        if output_sizes is None:
+            return None
+        if len(output_sizes) != batch:
+            raise ValueError(
+                f"output_sizes has {len(output_sizes)} entries but images has batch size {batch}"
+            )
+        checked = []
+        for index, size in enumerate(output_sizes):
+            h, w = (int(size[0]), int(size[1]))
+            if h <= 0 or w <= 0:
+                raise ValueError(f"output_sizes[{index}] = {(h, w)} must be positive")
+            checked.append((h, w))
+        return checked
 
     @staticmethod
     def _check_images(images: Tensor, image_sizes: Sequence[tuple[int, int]] | None) -> list[tuple[int, int]]:

@@ -2,8 +2,9 @@
 
 Mask probabilities follow the reference's rescale: mask logits (stride 8) -> bilinear x mask_upsample_stride
 -> sigmoid -> bilinear to the padded batch size -> crop to the image size (align_corners False throughout).
-Predictions come back at each image's (unpadded) size; mapping to an original size before a test-time
-resize is ``Prediction.resized``.
+Predictions come back at each image's (unpadded) size, or, given ``output_sizes`` (each image's size
+before the test-time resize), as the reference's ``rescale=True``: the cropped probabilities (semantic
+variant: logits) are resized bilinearly to that size and thresholded and merged there.
 
 Upstream's stuff_score_thr, iou_thr and stuff_max_area are never read by its merge code, so they are not
 options here; the merge uses only mask_thr, instance_score_thr and overlap_thr.
@@ -137,8 +138,12 @@ def full_resolution_pass(
     owner_scores: Tensor | None = None,
     area_kernels: Tensor | None = None,
     instance_kernels: Tensor | None = None,
+    output_size: tuple[int, int] | None = None,
 ) -> FullResolution:
     """probs (N, h4, w4) at stride 4 -> the full-resolution reductions asked for, a chunk of kernels at a time.
+
+    The maps are resized to ``padded_size``, cropped to ``image_size`` and, when ``output_size`` differs
+    from it, resized again (bilinear) to ``output_size``, where every reduction then happens.
 
     owner_scores (N,): compute the owner map with these scores. area_kernels (N,) bool: compute mask_areas
     for these kernels (0 for the others; the merge reads only the kept kernels' areas). instance_kernels
@@ -146,7 +151,9 @@ def full_resolution_pass(
     resized: all N for the owner, else those of the areas and the instance masks.
     """
     num_kernels = probs.shape[0]
-    height, width = image_size
+    output_size = image_size if output_size is None else (int(output_size[0]), int(output_size[1]))
+    rescale = tuple(output_size) != tuple(image_size)
+    height, width = output_size
     device = probs.device
     if owner_scores is None and area_kernels is None and instance_kernels is None:
         raise ValueError("full_resolution_pass: ask for owner_scores, area_kernels or instance_kernels")
@@ -167,8 +174,9 @@ def full_resolution_pass(
     # buffers reused by every chunk (fresh large tensors cost page faults)
     step = max(1, min(kernels_per_chunk(padded_size), len(resized)))
     resized_buffer = torch.empty((1, step, *padded_size), device=device)  # (1, c, Hp, Wp)
+    rescaled_buffer = torch.empty((1, step, height, width), device=device) if rescale else None
     above = torch.empty((step, height, width), dtype=torch.bool, device=device)
-    argmax = _OwnerArgmax(image_size, device) if owner_scores is not None else None
+    argmax = _OwnerArgmax(output_size, device) if owner_scores is not None else None
     for start in range(0, len(resized), step):
         kernels = resized[start : start + step]
         count = len(kernels)
@@ -181,7 +189,12 @@ def full_resolution_pass(
             torch.ops.aten.upsample_bilinear2d.out(
                 source[None], list(padded_size), False, None, None, out=resized_buffer[:, :count]
             )
-            chunk = resized_buffer[0, :count, :height, :width]  # (c, H, W)
+            chunk = resized_buffer[0, :count, : image_size[0], : image_size[1]]  # (c, h, w)
+            if rescaled_buffer is not None:  # = F.interpolate(chunk[None], size=output_size, mode="bilinear")
+                torch.ops.aten.upsample_bilinear2d.out(
+                    chunk[None], list(output_size), False, None, None, out=rescaled_buffer[:, :count]
+                )
+                chunk = rescaled_buffer[0, :count]  # (c, H, W)
         with record_function("knet.postprocess.instance_masks"):
             for first, stop in _runs([kernel in instance_rows for kernel in kernels]):
                 torch.gt(chunk[first:stop], mask_thr, out=above[: stop - first])
@@ -306,9 +319,13 @@ def semantic_from_kernels(
 
 
 def semantic_inference(
-    class_logits: Tensor, image_sizes: list[tuple[int, int]], padded_size: tuple[int, int]
+    class_logits: Tensor,
+    image_sizes: list[tuple[int, int]],
+    padded_size: tuple[int, int],
+    output_sizes: list[tuple[int, int]] | None = None,
 ) -> list[SemanticPrediction]:
-    """Semantic variant: class_logits (B, K, h, w) -> bilinear to the padded size, crop, argmax.
+    """Semantic variant: class_logits (B, K, h, w) -> bilinear to the padded size, crop, (bilinear to the
+    output size), argmax.
 
     class_logits (raw) and class_scores (their softmax) stay at the coarse (h, w) resolution over the
     whole padded frame.
@@ -318,7 +335,11 @@ def semantic_inference(
         logits = F.interpolate(
             class_logits[b : b + 1].float(), size=padded_size, mode="bilinear", align_corners=False
         )
-        label_map = logits[0, :, :height, :width].max(0).indices  # (K, H, W) -> (H, W); = argmax, faster
+        logits = logits[:, :, :height, :width]
+        if output_sizes is not None and tuple(output_sizes[b]) != (height, width):
+            size = (int(output_sizes[b][0]), int(output_sizes[b][1]))
+            logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+        label_map = logits[0].max(0).indices  # (K, H, W) -> (H, W); = argmax, faster
         coarse = class_logits[b].detach().float()
         predictions.append(
             SemanticPrediction(label_map=label_map, class_scores=coarse.softmax(0), class_logits=coarse)
@@ -382,7 +403,9 @@ class PostProcessor:
         mask_logits: Tensor,
         image_sizes: list[tuple[int, int]],
         padded_size: tuple[int, int],
+        output_sizes: list[tuple[int, int]] | None = None,
     ) -> list[Prediction]:
+        """output_sizes: per image, the size to predict at (see the module docstring); None: image_sizes."""
         expected = self.num_proposals + self.num_stuff_classes
         if cls_logits is None or mask_logits.shape[1] != expected or cls_logits.shape[1] != expected:
             got = None if cls_logits is None else tuple(cls_logits.shape)
@@ -391,8 +414,11 @@ class PostProcessor:
                 f"cls_logits {got} and mask_logits {tuple(mask_logits.shape)}"
             )
         probs = stride4_probabilities(mask_logits, self.mask_upsample_stride)  # (B, N, h4, w4), one call
+        outputs = image_sizes if output_sizes is None else output_sizes
         return [
-            self._one_image(cls_logits[b].float().sigmoid(), mask_logits[b], probs[b], size, padded_size)
+            self._one_image(
+                cls_logits[b].float().sigmoid(), mask_logits[b], probs[b], size, padded_size, outputs[b]
+            )
             for b, size in enumerate(image_sizes)
         ]
 
@@ -403,10 +429,12 @@ class PostProcessor:
         probs: Tensor,
         size: tuple[int, int],
         padded_size: tuple[int, int],
+        output_size: tuple[int, int],
     ) -> Prediction:
         """class_probs (N, K) sigmoid; mask_logits (N, h8, w8); probs (N, h4, w4) mask probabilities."""
         size = (int(size[0]), int(size[1]))
-        prediction = Prediction(image_size=size)
+        output_size = (int(output_size[0]), int(output_size[1]))
+        prediction = Prediction(image_size=output_size)
         things = class_probs[: self.num_proposals, : self.num_thing_classes]  # (P, T)
         instance = top_pairs(things, self.max_per_image) if self.instance_on else None
         scores = labels = is_thing = kept = None
@@ -421,6 +449,7 @@ class PostProcessor:
             owner_scores=scores,  # the owner map is shared by the panoptic and semantic parts
             area_kernels=kept if self.panoptic_on else None,
             instance_kernels=instance[1] if instance is not None else None,
+            output_size=output_size,
         )
         if instance is not None:
             prediction.instance = InstancePrediction(

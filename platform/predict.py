@@ -150,6 +150,7 @@ def evaluate_bundle(bundle: ModelBundle, experiment: Experiment) -> dict[str, fl
         InstanceEvaluator,
         PanopticEvaluator,
         SemanticEvaluator,
+        original_sizes,
         process_at_original_size,
     )
 
@@ -172,7 +173,9 @@ def evaluate_bundle(bundle: ModelBundle, experiment: Experiment) -> dict[str, fl
     for evaluator in evaluators.values():
         evaluator.reset()
     for batch in loader:
-        predictions = bundle.model(batch.images.to(device), image_sizes=batch.image_sizes)
+        predictions = bundle.model(
+            batch.images.to(device), image_sizes=batch.image_sizes, output_sizes=original_sizes(batch.metas)
+        )
         predictions = [prediction_to_cpu(p) for p in predictions]
         process_at_original_size(evaluators.values(), predictions, batch.targets, batch.metas)
     metrics: dict[str, float] = {}

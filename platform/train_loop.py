@@ -39,7 +39,7 @@ from knet_platform.tracking import RunLogger, system_info
 from torch.utils.data import DataLoader, Subset
 
 from knet.data import collate_batch
-from knet.evaluation import process_at_original_size
+from knet.evaluation import original_sizes, process_at_original_size
 
 NUM_OVERLAYS = 2  # val images drawn into MLflow at the last epoch
 
@@ -312,7 +312,9 @@ def _evaluate(
     overlay_images: list[np.ndarray] = []
     overlay_predictions: list[Any] = []
     for batch in loader:
-        predictions = model(batch.images.to(device), image_sizes=batch.image_sizes)
+        predictions = model(
+            batch.images.to(device), image_sizes=batch.image_sizes, output_sizes=original_sizes(batch.metas)
+        )
         predictions = [_to_device(p, torch.device("cpu")) for p in predictions]
         targets = [_to_device(t, torch.device("cpu")) for t in batch.targets]
         process_at_original_size(evaluators.values(), predictions, targets, batch.metas)
@@ -320,7 +322,7 @@ def _evaluate(
             for image, prediction, size in zip(batch.images, predictions, batch.image_sizes):
                 if len(overlay_images) < NUM_OVERLAYS:
                     overlay_images.append(denormalize(image, experiment, tuple(size)))
-                    overlay_predictions.append(prediction)
+                    overlay_predictions.append(prediction.resized(tuple(size)))  # onto the image as seen
     states = {name: evaluator.state() for name, evaluator in evaluators.items()}
     if world_size > 1:
         gathered: list[Any] = [None] * world_size

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from knet.evaluation.instance import InstanceEvaluator
 from knet.evaluation.offline import evaluate_results
-from knet.evaluation.original_size import process_at_original_size
+from knet.evaluation.original_size import original_sizes, process_at_original_size
 from knet.evaluation.panoptic import PanopticEvaluator
 from knet.evaluation.semantic import SemanticEvaluator
 from knet.evaluation.writers import (
@@ -22,6 +22,7 @@ __all__ = [
     "SemanticEvaluator",
     "coco_instance_results",
     "evaluate_results",
+    "original_sizes",
     "process_at_original_size",
     "write_semantic_png",
 ]

@@ -12,6 +12,11 @@ class Evaluator(Protocol):
     def process(self, predictions: list[Prediction], targets: list[dict]) -> None: ...
 
 
+def original_sizes(metas: list[dict[str, Any]]) -> list[tuple[int, int]]:
+    """Each image's size before the test-time resize: the model's ``output_sizes`` for evaluation."""
+    return [(int(meta["orig_size"][0]), int(meta["orig_size"][1])) for meta in metas]
+
+
 def process_at_original_size(
     evaluators: Iterable[Evaluator],
     predictions: list[Prediction],
@@ -20,10 +25,11 @@ def process_at_original_size(
 ) -> None:
     """Add a batch the model saw at the test-time size to every evaluator, scored at the original size.
 
-    predictions: one per image at its unpadded test-time size (``image_sizes``, as the model returns
-    them). targets, metas: the ``Batch``'s, from ``KNetDataset(train=False)``, whose targets keep the
-    original size ``meta["orig_size"]``. Each prediction is mapped back with ``Prediction.resized``
-    (nearest neighbour) one image at a time, so only one image's original-size masks are held.
+    predictions: one per image, best at the original size already (the model called with
+    ``output_sizes=original_sizes(metas)``: probabilities resized bilinearly before the merge, as the
+    reference does); one at the unpadded test-time size is mapped back with ``Prediction.resized``
+    (nearest neighbour on the final maps). targets, metas: the ``Batch``'s, from
+    ``KNetDataset(train=False)``, whose targets keep the original size ``meta["orig_size"]``.
     """
     evaluators = list(evaluators)
     if not len(predictions) == len(targets) == len(metas):

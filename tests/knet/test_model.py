@@ -85,6 +85,22 @@ def test_image_sizes_crop_predictions_to_each_image() -> None:
     assert [p.panoptic.segment_map.shape for p in predictions] == [(70, 90), (50, 61)]
 
 
+def test_output_sizes_give_every_part_at_the_original_size_and_are_checked() -> None:
+    model = tiny_model().eval()
+    images = torch.randn(2, 3, 64, 80)
+    with torch.no_grad():
+        predictions = model(images, image_sizes=[(64, 80), (50, 61)], output_sizes=[(128, 160), (37, 45)])
+    for prediction, size in zip(predictions, [(128, 160), (37, 45)], strict=True):
+        assert prediction.image_size == size
+        assert_panoptic_prediction(prediction.panoptic, size)
+        assert tuple(prediction.instance.masks.shape[-2:]) == size
+        assert tuple(prediction.semantic.label_map.shape) == size
+    with pytest.raises(ValueError, match="output_sizes has 1 entries"):
+        model(images, output_sizes=[(64, 80)])
+    with pytest.raises(ValueError, match="call model.eval"):
+        model.train()(images, [], output_sizes=[(64, 80), (64, 80)])
+
+
 def test_stages_run_on_stride_8_features_of_the_padded_input() -> None:
     model = tiny_model().eval()
     with torch.no_grad():

@@ -333,6 +333,44 @@ def test_postprocessor_equals_the_spec_composition_for_every_part(seed: int, chu
         assert torch.equal(prediction.semantic.class_scores, class_scores)
 
 
+@pytest.mark.parametrize("output_size", [(80, 100), (30, 41)])
+def test_output_sizes_resize_the_cropped_probabilities_bilinearly_before_every_threshold_and_merge(
+    output_size: tuple[int, int], chunk_bytes
+) -> None:
+    """The reference's rescale=True: probabilities at the padded size, cropped, then bilinear to the
+    original size, where the merge, the instance masks and the semantic map are computed."""
+    proposals, things, stuff = 10, 4, 3
+    post = PostProcessor(
+        task="panoptic", num_thing_classes=things, num_stuff_classes=stuff, num_proposals=proposals,
+        max_per_image=12, panoptic_on=True, instance_on=True, semantic_on=True,
+    )  # fmt: skip
+    cls_logits, mask_logits = _random_outputs(7, proposals, things, stuff, (6, 8))
+    (prediction,) = post(cls_logits, mask_logits, [(41, 57)], (48, 64), output_sizes=[output_size])
+    cropped = _reference_probs(mask_logits[0], (41, 57), (48, 64))
+    probs = F.interpolate(cropped[None], size=output_size, mode="bilinear", align_corners=False)[0]
+    class_probs = cls_logits[0].sigmoid()
+    scores, labels, is_thing = _kernel_scores(class_probs, proposals, things, stuff)
+    assert prediction.image_size == output_size and prediction.panoptic.segment_map.shape == output_size
+    _assert_merge_matches(prediction.panoptic, _reference_merge(scores, labels, is_thing, probs))
+    _, flat = class_probs[:proposals, :things].flatten().topk(12)
+    assert torch.equal(prediction.instance.masks, probs[flat // things] > 0.5)
+    label_map, _ = _reference_semantic(scores, labels, probs, mask_logits[0].sigmoid(), things + stuff)
+    assert torch.equal(prediction.semantic.label_map, label_map)
+    # not the nearest-neighbour resize of the prediction at the image size: boundaries differ
+    at_image_size = post(cls_logits, mask_logits, [(41, 57)], (48, 64))[0].resized(output_size)
+    assert not torch.equal(at_image_size.panoptic.segment_map, prediction.panoptic.segment_map)
+
+
+def test_semantic_inference_at_output_sizes_is_argmax_of_the_cropped_logits_resized_bilinearly() -> None:
+    logits = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(2))
+    sizes, outputs = [(16, 16), (13, 11)], [(40, 37), (13, 11)]
+    for b, prediction in enumerate(semantic_inference(logits, sizes, (16, 16), outputs)):
+        upsampled = F.interpolate(logits[b : b + 1], size=(16, 16), mode="bilinear")
+        cropped = upsampled[:, :, : sizes[b][0], : sizes[b][1]]
+        expected = F.interpolate(cropped, size=outputs[b], mode="bilinear")[0].argmax(0)
+        assert torch.equal(prediction.label_map, expected)
+
+
 def test_instance_only_postprocessor_resizes_only_the_top_kernels_and_matches_the_spec(chunk_bytes) -> None:
     post = PostProcessor(
         task="instance", num_thing_classes=4, num_stuff_classes=0, num_proposals=10, max_per_image=6,

@@ -94,6 +94,9 @@ def test_a_one_image_batch_gives_finite_losses_and_one_prediction_at_its_odd_siz
         predictions = model.eval()(data.images)
     assert len(predictions) == 1 and predictions[0].image_size == (100, 131)
     assert_semantic_prediction(predictions[0].semantic, (100, 131), (128, 160), 8)
+    with torch.no_grad():
+        (original,) = model(data.images, output_sizes=[(200, 262)])  # the size before a test-time resize
+    assert original.image_size == (200, 262) and original.semantic.label_map.shape == (200, 262)
 
 
 def test_dilated_heads_use_output_stride_8_and_a_256_channel_updator_on_512_channel_kernels() -> None:
