@@ -11,6 +11,7 @@ status. Every param, tag and text that goes to MLflow passes through ``knet_plat
 from __future__ import annotations
 
 import base64
+import json
 import math
 import os
 import platform as std_platform
@@ -277,8 +278,8 @@ NONFINITE_TAG = "knet.nonfinite_metrics"
 
 
 class RunLogger:
-    """What rank 0 logs into the driver's run during training: epoch metrics, checkpoints, overlays,
-    system info.
+    """What rank 0 logs into the driver's run during training: epoch metrics, per-class results,
+    checkpoints, overlays, system info.
 
     Epoch metrics use the epoch number as the MLflow step. On a resumed or restarted run the epochs
     already in the run are skipped, so a run never shows the same epoch twice. A NaN or infinite
@@ -304,6 +305,20 @@ class RunLogger:
             self.client.log_batch(self.run_id, metrics=entries[start : start + 1000])
         self.last_logged_epoch = epoch
         return True
+
+    def log_per_class(self, per_class: dict[str, dict[str, dict[str, float]]], epoch: int) -> None:
+        """Each evaluator's per-class table (``{"panoptic": {"car": {"pq": ...}}, ...}``, class names as
+        the dataset's categories give them) as ``eval/per_class_epoch_XXX.json``; a NaN (a class absent
+        from both ground truth and predictions) is written as null, so the file is valid JSON."""
+        table = {
+            task: {
+                name: {key: _json_number(value) for key, value in row.items()} for name, row in rows.items()
+            }
+            for task, rows in per_class.items()
+        }
+        self.client.log_text(
+            self.run_id, json.dumps(table, indent=2), f"eval/per_class_epoch_{epoch:03d}.json"
+        )
 
     def log_step(self, metrics: dict[str, float], global_step: int) -> None:
         """Per-step values (rank 0's loss every ``train.log_every`` steps), at the global step. A
@@ -368,6 +383,10 @@ class RunLogger:
                 overlay(image, prediction),
                 artifact_file=f"overlays/epoch_{epoch:03d}_{index}.png",
             )
+
+
+def _json_number(value: float) -> float | None:
+    return float(value) if math.isfinite(value) else None
 
 
 def overlay(image: np.ndarray, prediction: Prediction, alpha: float = 0.5) -> np.ndarray:

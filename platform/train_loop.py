@@ -13,7 +13,7 @@ import math
 import random
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -234,12 +234,19 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         metrics["train/lr"] = optimizer.param_groups[0]["lr"]
         metrics["train/steps_per_s"] = steps / max(train_seconds, 1e-9)
         is_last = epoch_number == train_cfg.epochs
-        overlay_batch = None
+        evaluation = None
         if val_loader is not None and (epoch_number % train_cfg.eval_interval == 0 or is_last):
-            val_metrics, overlay_batch = _evaluate(
-                core, val_loader, experiment, model_config, device, rank, world_size
+            evaluation = _evaluate(
+                core,
+                val_loader,
+                experiment,
+                model_config,
+                datasets.categories.names,
+                device,
+                rank,
+                world_size,
             )
-            metrics.update(val_metrics)
+            metrics.update(evaluation.metrics)
         if rank == 0:
             summary = " ".join(
                 f"{k}={v:.4g}" for k, v in metrics.items() if k.startswith(("train/loss", "val/"))
@@ -280,13 +287,28 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                     )
                 if checkpoint is not None and experiment.tracking.log_checkpoints == "all":
                     logger.log_checkpoint(folder, f"epoch_{epoch_number:04d}")
-                if is_last and overlay_batch is not None:
-                    logger.log_overlays(*overlay_batch, epoch=epoch_number)
+                if evaluation is not None and evaluation.per_class:
+                    logger.log_per_class(evaluation.per_class, epoch_number)
+                if is_last and evaluation is not None and evaluation.overlay_images:
+                    logger.log_overlays(
+                        evaluation.overlay_images, evaluation.overlay_predictions, epoch_number
+                    )
             ray.train.report(  # Ray: every worker, once per epoch
                 metrics,
                 checkpoint=checkpoint,
                 checkpoint_dir_name=checkpoint_name if checkpoint is not None else None,
             )
+
+
+@dataclass
+class Evaluation:
+    """One validation pass as rank 0 sees it: ``val/<metric>`` floats, each evaluator's per-class table
+    (by evaluator name: panoptic, instance, semantic) and a few (image, prediction) pairs for overlays."""
+
+    metrics: dict[str, float] = field(default_factory=dict)
+    per_class: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    overlay_images: list[np.ndarray] = field(default_factory=list)
+    overlay_predictions: list[Any] = field(default_factory=list)
 
 
 @torch.no_grad()
@@ -295,18 +317,15 @@ def _evaluate(
     loader: DataLoader,
     experiment: Experiment,
     model_config: Any,
+    class_names: list[str],
     device: torch.device,
     rank: int,
     world_size: int,
-) -> tuple[dict[str, float], tuple[list[np.ndarray], list[Any]] | None]:
+) -> Evaluation:
     """Evaluate this worker's shard at each image's original size, merge every worker's evaluator
-    states on rank 0.
-
-    Returns ``val/<metric>`` floats (empty on ranks > 0) and, on rank 0, a few (image, prediction)
-    pairs for overlays.
-    """
+    states on rank 0 (every other rank gets an empty ``Evaluation``)."""
     model.eval()
-    evaluators = build_evaluators(model_config)
+    evaluators = build_evaluators(model_config, class_names)
     for evaluator in evaluators.values():
         evaluator.reset()
     overlay_images: list[np.ndarray] = []
@@ -330,15 +349,17 @@ def _evaluate(
     else:
         gathered = [states]
     if rank != 0:
-        return {}, None
-    metrics: dict[str, float] = {}
+        return Evaluation()
+    result = Evaluation(overlay_images=overlay_images, overlay_predictions=overlay_predictions)
     for name, evaluator in evaluators.items():
         evaluator.reset()
         evaluator.merge([worker_states[name] for worker_states in gathered])
         for key, value in evaluator.evaluate().items():
             if isinstance(value, (int, float)):
-                metrics[f"val/{key}"] = float(value)
-    return metrics, (overlay_images, overlay_predictions)
+                result.metrics[f"val/{key}"] = float(value)
+            elif key == "per_class":
+                result.per_class[name] = value
+    return result
 
 
 def _gather_rng_states(world_size: int) -> list[RngState]:

@@ -2,7 +2,7 @@
 
 A 2-epoch quickstart (1 worker, 3 steps per epoch) with ``tracking.log_checkpoints=all`` and a loss line
 every step: the resolved YAML (secrets masked, logged by the driver), system info (logged once, by
-rank 0 of the Train workers), overlays, per-step losses, every checkpoint's storage URI, epoch, ranking
+rank 0 of the Train workers), overlays, per-class tables, per-step losses, every checkpoint's storage URI, epoch, ranking
 metric and upload; then the champion is pulled by its ``models:/`` URI on the command line.
 With ``tracking.log_checkpoints=none`` nothing but the checkpoints' URIs reaches MLflow.
 """
@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from knet_platform.knet_adapter import build_datasets
 from knet_platform.redaction import redact
 from mlflow.tracking import MlflowClient
 
@@ -75,6 +76,18 @@ def test_a_run_logs_yaml_system_info_overlays_step_losses_and_every_checkpoint_a
         )
         assert metadata["epoch"] == epoch and metadata["global_step"] == 3 * epoch
         assert metadata["score"] == {"metric": "val/pq", "mode": "max", "value": pytest.approx(pq[epoch])}
+    # each evaluated epoch's per-class tables, by the dataset's class names; the summary PQ is their mean
+    names = set(build_datasets(experiment).categories.names)
+    for epoch in (1, 2):
+        per_class = json.loads(
+            Path(
+                client.download_artifacts(summary.run_id, f"eval/per_class_epoch_{epoch:03d}.json")
+            ).read_text()
+        )
+        assert set(per_class) == {"panoptic", "instance", "semantic"}
+        assert per_class["panoptic"] and set(per_class["panoptic"]) <= names
+        mean_pq = sum(row["pq"] for row in per_class["panoptic"].values()) / len(per_class["panoptic"])
+        assert mean_pq == pytest.approx(pq[epoch])
     # with "all" the best one is not uploaded twice: its tags name one of the uploaded epochs and its value
     best_epoch = int(run.data.tags["checkpoint.best.epoch"])
     assert Path(run.data.tags["checkpoint.best"]).name == f"checkpoint_epoch_{best_epoch:04d}"
