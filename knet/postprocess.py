@@ -172,7 +172,8 @@ def full_resolution_pass(
         )
     areas = torch.zeros(num_kernels, dtype=torch.int64, device=device)
     # buffers reused by every chunk (fresh large tensors cost page faults)
-    step = max(1, min(kernels_per_chunk(padded_size), len(resized)))
+    largest = max(padded_size, output_size, key=lambda size: size[0] * size[1])  # the bigger buffer
+    step = max(1, min(kernels_per_chunk(largest), len(resized)))
     resized_buffer = torch.empty((1, step, *padded_size), device=device)  # (1, c, Hp, Wp)
     rescaled_buffer = torch.empty((1, step, height, width), device=device) if rescale else None
     above = torch.empty((step, height, width), dtype=torch.bool, device=device)
