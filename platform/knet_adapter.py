@@ -101,19 +101,18 @@ def build_evaluators(model_config: KNetConfig, class_names: list[str] | None = N
     """One evaluator per prediction part the model produces, keyed by that part's name; per-class
     results are keyed by ``class_names`` (contiguous order, things first), when given."""
     things, stuff = model_config.num_thing_classes, model_config.num_stuff_classes
-    names = class_names
     inference = model_config.inference
     evaluators: dict[str, Any] = {}
     if inference.panoptic_on:
         evaluators["panoptic"] = PanopticEvaluator(
-            num_thing_classes=things, num_stuff_classes=stuff, class_names=names
+            num_thing_classes=things, num_stuff_classes=stuff, class_names=class_names
         )
     if inference.instance_on and things > 0:
         evaluators["instance"] = InstanceEvaluator(
-            num_thing_classes=things, class_names=names[:things] if names is not None else None
+            num_thing_classes=things, class_names=class_names[:things] if class_names is not None else None
         )
     if inference.semantic_on:
-        evaluators["semantic"] = SemanticEvaluator(num_classes=things + stuff, class_names=names)
+        evaluators["semantic"] = SemanticEvaluator(num_classes=things + stuff, class_names=class_names)
     if not evaluators:
         raise ValueError("model.inference switches every output off (panoptic_on/instance_on/semantic_on)")
     return evaluators

@@ -145,29 +145,17 @@ def _segments(prediction: Prediction, part: TaskPart) -> tuple[np.ndarray, list[
 def evaluate_bundle(bundle: ModelBundle, experiment: Experiment) -> dict[str, float]:
     """The bundle's metrics on the experiment's val set (keys ``val/pq``, ``val/mask_ap``, ``val/miou``...),
     scored at each image's original size like ``knet evaluate-results`` on written files."""
+    from knet_platform.knet_adapter import build_evaluators
+
     from knet.data import build_dataset, collate_batch
-    from knet.evaluation import (
-        InstanceEvaluator,
-        PanopticEvaluator,
-        SemanticEvaluator,
-        original_sizes,
-        process_at_original_size,
-    )
+    from knet.evaluation import original_sizes, process_at_original_size
 
     if experiment.data.val is None:
         raise ValueError("the experiment has no data.val: add a val DataSource to evaluate on")
     # The bundle's category table: class ids mean what they meant in training (a DataError names the
     # val file when it lists other categories).
     dataset = build_dataset(experiment.data.val, bundle.transforms, train=False, categories=bundle.categories)
-    config = bundle.config
-    things, stuff = config.num_thing_classes, config.num_stuff_classes
-    evaluators = {}
-    if config.inference.panoptic_on:
-        evaluators["panoptic"] = PanopticEvaluator(num_thing_classes=things, num_stuff_classes=stuff)
-    if config.inference.instance_on and things > 0:
-        evaluators["instance"] = InstanceEvaluator(num_thing_classes=things)
-    if config.inference.semantic_on:
-        evaluators["semantic"] = SemanticEvaluator(num_classes=things + stuff)
+    evaluators = build_evaluators(bundle.config, bundle.categories.names)  # as validation in training
     loader = torch.utils.data.DataLoader(dataset, batch_size=bundle.batch_size, collate_fn=collate_batch)
     device = next(bundle.model.parameters()).device
     for evaluator in evaluators.values():
