@@ -20,9 +20,9 @@ import time
 from pathlib import Path
 
 import torch
-from knet_platform.experiment import Experiment, load_experiment
+from knet_platform.experiment.schema import Experiment, load_experiment
 from knet_platform.knet_adapter import build_datasets, build_knet, prepare_data
-from knet_platform.optim import build_optimizer
+from knet_platform.train.optim import build_optimizer
 from torch.utils.data import DataLoader
 
 from knet.data import collate_batch
@@ -85,7 +85,7 @@ def bare_loop(experiment: Experiment, total_steps: int, warmup_steps: int) -> tu
 
 def through_runner(experiment: Experiment) -> tuple[float, float]:
     """(warm steps/s per worker, from the epochs after the first; wall seconds) of ``run_experiment``."""
-    from knet_platform.runner import run_experiment
+    from knet_platform.train.driver import run_experiment
     from mlflow.tracking import MlflowClient
 
     started = time.perf_counter()

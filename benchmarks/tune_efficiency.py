@@ -86,7 +86,7 @@ def _key(config: dict[str, Any], keys: list[str]) -> tuple:
 
 
 def _experiment(args: argparse.Namespace, workdir: Path, space: dict[str, list[Any]], asha: bool) -> Any:
-    from knet_platform.experiment import load_experiment
+    from knet_platform.experiment.schema import load_experiment
 
     configs = math.prod(len(values) for values in space.values())
     overrides = [
@@ -124,7 +124,7 @@ def _experiment(args: argparse.Namespace, workdir: Path, space: dict[str, list[A
 
 def _run(args: argparse.Namespace, workdir: Path, space: dict[str, list[Any]], asha: bool) -> Search:
     import numpy as np
-    from knet_platform.tuning import run_search
+    from knet_platform.tune.search import run_search
     from mlflow.tracking import MlflowClient
 
     experiment = _experiment(args, workdir, space, asha)

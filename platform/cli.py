@@ -117,7 +117,7 @@ _TRACKING_URI_HELP = (
 
 def _tracking_uri(args: argparse.Namespace) -> str:
     """``--tracking-uri``, else ``$MLFLOW_TRACKING_URI``, else the store ``knet run`` writes by default."""
-    from knet_platform.home import default_tracking_uri
+    from knet_platform.experiment.home import default_tracking_uri
 
     return args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
 
@@ -131,13 +131,13 @@ def _experiment_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _load(args: argparse.Namespace):
-    from knet_platform.experiment import load_experiment
+    from knet_platform.experiment.schema import load_experiment
 
     return load_experiment(args.experiment, args.overrides)
 
 
 def _run(args: argparse.Namespace) -> int:
-    from knet_platform.home import ray_job_home_warning
+    from knet_platform.experiment.home import ray_job_home_warning
 
     experiment = _load(args)  # validated before Ray starts
     warning = ray_job_home_warning()
@@ -145,7 +145,7 @@ def _run(args: argparse.Namespace) -> int:
         print(warning, file=sys.stderr, flush=True)
     if experiment.tune is not None:
         return _search(args, experiment)
-    from knet_platform.runner import run_experiment
+    from knet_platform.train.driver import run_experiment
 
     run_experiment(experiment, resume=args.resume, from_checkpoint=args.from_checkpoint)  # prints its summary
     return 0
@@ -157,7 +157,7 @@ def _search(args: argparse.Namespace, experiment) -> int:
             "--from-checkpoint starts one training run; a search starts every trial from scratch. "
             "Drop --from-checkpoint, or remove the tune section to fine-tune."
         )
-    from knet_platform.tuning import run_search
+    from knet_platform.tune.search import run_search
 
     summary = run_search(experiment, resume=args.resume)  # prints the trial table
     print(f"model: {summary.model_uri}")
@@ -181,7 +181,7 @@ def _show_config(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from knet_platform.predict import load_model, predict_paths
+    from knet_platform.serve.predict import load_model, predict_paths
 
     bundle = load_model(args.model, tracking_uri=_tracking_uri(args))
     written = predict_paths(bundle, args.inputs, args.out, task_part=args.task_part)
@@ -191,7 +191,7 @@ def _predict(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     experiment = _load(args)
-    from knet_platform.predict import evaluate_bundle, load_model
+    from knet_platform.serve.predict import evaluate_bundle, load_model
 
     metrics = evaluate_bundle(load_model(args.model, tracking_uri=_tracking_uri(args)), experiment)
     print(json.dumps(metrics, indent=2))

@@ -21,7 +21,7 @@ from knet.data.parquet import load_manifest
 from knet.evaluation import InstanceEvaluator, PanopticEvaluator, SemanticEvaluator
 
 if TYPE_CHECKING:
-    from knet_platform.experiment import Experiment
+    from knet_platform.experiment.schema import Experiment
 
     from knet import KNetConfig
     from knet.data import CategoryTable

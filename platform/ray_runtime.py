@@ -30,7 +30,7 @@ import ray
 from knet_platform.errors import KnetUserError
 
 if TYPE_CHECKING:
-    from knet_platform.experiment import ScalingConfig
+    from knet_platform.experiment.schema import ScalingConfig
 
 WORKER_GROUP_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 DEFAULT_WORKER_GROUP_START_TIMEOUT_S = "180"  # Ray's own default (60 s) is tight on a busy 2-core machine

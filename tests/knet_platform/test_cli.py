@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 from knet_platform.cli import main
-from knet_platform.experiment import load_experiment
+from knet_platform.experiment.schema import load_experiment
 
 from tests.knet_platform.tiny_run import BIN, cluster_env, free_port, tiny_overrides
 

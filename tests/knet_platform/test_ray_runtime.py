@@ -7,7 +7,7 @@ import os
 
 import pytest
 import ray
-from knet_platform.experiment import ScalingConfig
+from knet_platform.experiment.schema import ScalingConfig
 from knet_platform.ray_runtime import CapacityError, placeable_workers, plan_capacity, worker_resources
 
 TWO_CPU_NODES = [{"CPU": 2.0, "memory": 1e9}, {"CPU": 2.0, "memory": 1e9}]

@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from knet_platform.experiment import Experiment, load_experiment
+from knet_platform.experiment.schema import Experiment, load_experiment
 
 REPO = Path(__file__).absolute().parents[2]
 QUICKSTART = REPO / "experiments" / "quickstart.yaml"

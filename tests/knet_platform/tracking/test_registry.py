@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from knet_platform.registry import download_model, log_and_register
-from knet_platform.tracking import create_run, resolve_tracking
+from knet_platform.tracking.registry import download_model, log_and_register
+from knet_platform.tracking.runs import create_run, resolve_tracking
 from mlflow.tracking import MlflowClient
 
 from tests.knet_platform.tiny_run import load_tiny
@@ -80,7 +80,7 @@ def test_download_model_returns_the_logged_bundle_folder(store, tmp_path: Path) 
 
 
 def test_the_model_pins_every_package_its_serving_environment_needs() -> None:
-    from knet_platform.registry import _RUNTIME_REQUIREMENTS, pinned_requirements
+    from knet_platform.tracking.registry import _RUNTIME_REQUIREMENTS, pinned_requirements
 
     pins = pinned_requirements()  # a missing one raises MissingRequirementError, never drops silently
     assert [pin.split("==")[0] for pin in pins] == list(_RUNTIME_REQUIREMENTS)

@@ -19,7 +19,7 @@ from pathlib import Path
 import mlflow
 import yaml
 from knet_platform.errors import KnetUserError
-from knet_platform.tracking import no_printed_urls_with_secrets
+from knet_platform.tracking.runs import no_printed_urls_with_secrets
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -101,7 +101,7 @@ def download_model(model_uri: str, tracking_uri: str, dst: str | Path) -> Path:
     if "bundle" not in artifacts:
         raise ValueError(
             f"{model_uri} is not a knet model: its pyfunc flavor has no 'bundle' artifact "
-            f"(found {sorted(artifacts)}). Log models with knet_platform.registry.log_and_register."
+            f"(found {sorted(artifacts)}). Log models with knet_platform.tracking.registry.log_and_register."
         )
     return local / artifacts["bundle"]["path"]
 

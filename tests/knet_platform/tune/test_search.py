@@ -28,8 +28,8 @@ def local_ray():
 def test_a_search_whose_trial_cannot_fit_is_refused_before_any_trial_or_run_starts(
     tmp_path: Path, local_ray, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from knet_platform.search_space import SearchSpaceError
-    from knet_platform.tuning import run_search
+    from knet_platform.tune.search import run_search
+    from knet_platform.tune.space import SearchSpaceError
 
     monkeypatch.chdir(tmp_path)
     experiment = load_tiny(
@@ -45,7 +45,7 @@ def test_a_search_whose_trial_cannot_fit_is_refused_before_any_trial_or_run_star
 def test_a_listed_space_value_that_makes_an_invalid_experiment_is_refused_when_the_yaml_loads(
     tmp_path: Path,
 ) -> None:
-    from knet_platform.experiment import ExperimentError
+    from knet_platform.experiment.schema import ExperimentError
 
     with pytest.raises(ExperimentError, match=r"tune\.space\.train\.batch_size: .*must be >= 1"):
         load_tiny(
@@ -57,8 +57,8 @@ def test_a_listed_space_value_that_makes_an_invalid_experiment_is_refused_when_t
 
 
 def test_a_range_whose_upper_end_is_invalid_is_refused_before_ray_starts(tmp_path: Path) -> None:
-    from knet_platform.search_settings import validate_search
-    from knet_platform.search_space import SearchSpaceError
+    from knet_platform.tune.space import SearchSpaceError
+    from knet_platform.tune.validation import validate_search
 
     experiment = load_tiny(
         tmp_path,
@@ -71,9 +71,9 @@ def test_a_range_whose_upper_end_is_invalid_is_refused_before_ray_starts(tmp_pat
 
 
 def test_the_tune_quickstart_yaml_loads_and_its_search_validates() -> None:
-    from knet_platform.experiment import load_experiment
-    from knet_platform.search_settings import max_epochs, space_of, validate_search
-    from knet_platform.search_space import num_trials
+    from knet_platform.experiment.schema import load_experiment
+    from knet_platform.tune.space import num_trials
+    from knet_platform.tune.validation import max_epochs, space_of, validate_search
 
     experiment = load_experiment(REPO / "experiments" / "tune_quickstart.yaml")
     validate_search(experiment)
@@ -106,8 +106,8 @@ def test_optuna_searches_that_cannot_run_are_refused_before_ray_or_mlflow_start(
     import sys
     import types
 
-    from knet_platform import tuning
-    from knet_platform.search_space import SearchSpaceError
+    from knet_platform.tune import search as tuning
+    from knet_platform.tune.space import SearchSpaceError
 
     monkeypatch.chdir(tmp_path)
     if "optuna_installed" in extra:  # a stand-in, so the grid refusal is tested with or without optuna
@@ -154,16 +154,14 @@ def test_no_secret_of_tracking_uri_or_a_trial_value_reaches_the_searchs_mlflow_r
     from types import SimpleNamespace
 
     from knet_platform.errors import KnetUserError
-    from knet_platform.resume_record import (
+    from knet_platform.tracking.resume_record import (
         NothingToResumeError,
         ResumeMismatchError,
         latest_record,
         write_record,
     )
-    from knet_platform.search_settings import space_of
-    from knet_platform.search_space import mask_space
-    from knet_platform.tracking import create_run, resolve_tracking
-    from knet_platform.tuning import (
+    from knet_platform.tracking.runs import create_run, resolve_tracking
+    from knet_platform.tune.search import (
         SEARCH_TAG,
         TRIAL_TAG,
         SearchSummary,
@@ -173,6 +171,8 @@ def test_no_secret_of_tracking_uri_or_a_trial_value_reaches_the_searchs_mlflow_r
         _log_trial,
         _start_search,
     )
+    from knet_platform.tune.space import mask_space
+    from knet_platform.tune.validation import space_of
 
     space = (
         f"{{train.lr: {{grid: [1.0e-3]}}, tracking.artifact_location: {{choice: {list(SECRET_LOCATIONS)}}}}}"
@@ -258,7 +258,7 @@ def test_no_secret_of_tracking_uri_or_a_trial_value_reaches_the_searchs_mlflow_r
 def test_asha_stops_bad_trials_a_diverging_trial_fails_alone_and_the_best_is_registered(
     tmp_path: Path, local_ray, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from knet_platform.tuning import run_search
+    from knet_platform.tune.search import run_search
 
     monkeypatch.chdir(tmp_path)
     # trial order follows the grid: the learning trial sets the bar, the two lr=1e-9 trials (practically frozen) fall below

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from knet_platform.experiment import Experiment, ExperimentError, flatten_params, load_experiment
+from knet_platform.experiment.schema import Experiment, ExperimentError, flatten_params, load_experiment
 
-REPO = Path(__file__).absolute().parents[2]
+REPO = Path(__file__).absolute().parents[3]
 EXPERIMENTS = REPO / "experiments"
 
 

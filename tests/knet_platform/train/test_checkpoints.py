@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from knet_platform.checkpointing import (
+from knet_platform.train.checkpoints import (
     EXPERIMENT_FILE,
     METADATA_FILE,
     STATE_FILE,
@@ -91,7 +91,7 @@ _KILLED_WRITER = textwrap.dedent(
     import sys, time
     from pathlib import Path
     import torch
-    from knet_platform.checkpointing import TrainingState, capture_rng_state, save_checkpoint
+    from knet_platform.train.checkpoints import TrainingState, capture_rng_state, save_checkpoint
 
     class BlocksWhilePickled:
         def __reduce__(self):

@@ -7,12 +7,12 @@ import difflib
 from typing import Any
 
 import yaml
-from knet_platform.yaml_text import load_yaml
+from knet_platform.experiment.yaml_loader import load_yaml
 
 
 def parse_override(text: str) -> tuple[str, Any]:
     """``"train.lr=2e-4"`` -> ``("train.lr", 0.0002)``; the value is parsed as YAML (``null``, lists...)."""
-    from knet_platform.experiment import ExperimentError
+    from knet_platform.experiment.schema import ExperimentError
 
     key, sep, raw = text.partition("=")
     key = key.strip()
@@ -30,7 +30,7 @@ def apply_overrides(
 ) -> dict[str, Any]:
     """A deep copy of ``raw`` with each dotted key set. ``model.*`` keys must name a KNetConfig field
     (``model_keys``, e.g. ``model.update.num_heads``); other keys are checked when the experiment is built."""
-    from knet_platform.experiment import ExperimentError
+    from knet_platform.experiment.schema import ExperimentError
 
     result = copy.deepcopy(raw)
     for key, value in overrides.items():

@@ -22,7 +22,10 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-from knet_platform.checkpointing import (
+from knet_platform.experiment.schema import Experiment
+from knet_platform.knet_adapter import build_datasets, build_evaluators, build_knet, denormalize
+from knet_platform.tracking.runs import RunLogger, system_info
+from knet_platform.train.checkpoints import (
     CheckpointScore,
     RngState,
     TrainingState,
@@ -32,10 +35,7 @@ from knet_platform.checkpointing import (
     rng_state_for_rank,
     save_checkpoint,
 )
-from knet_platform.experiment import Experiment
-from knet_platform.knet_adapter import build_datasets, build_evaluators, build_knet, denormalize
-from knet_platform.optim import build_optimizer, warmup_step_factor
-from knet_platform.tracking import RunLogger, system_info
+from knet_platform.train.optim import build_optimizer, warmup_step_factor
 from torch.utils.data import DataLoader, Subset
 
 from knet.data import collate_batch

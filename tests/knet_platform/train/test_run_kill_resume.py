@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from knet_platform.checkpointing import STATE_FILE, load_checkpoint
+from knet_platform.train.checkpoints import STATE_FILE, load_checkpoint
 from mlflow.tracking import MlflowClient
 
 from tests.knet_platform.tiny_run import (

@@ -8,9 +8,8 @@ import random
 from pathlib import Path
 
 import pytest
-from knet_platform.experiment import ExperimentError
-from knet_platform.search_settings import validate_search
-from knet_platform.search_space import (
+from knet_platform.experiment.schema import ExperimentError
+from knet_platform.tune.space import (
     SearchSpaceError,
     check_value_type,
     combinations_to_check,
@@ -23,6 +22,7 @@ from knet_platform.search_space import (
     to_domain,
     values_to_check,
 )
+from knet_platform.tune.validation import validate_search
 from ray.tune.search.sample import Categorical, Float, Integer
 
 from tests.knet_platform.tiny_run import load_tiny, tune_overrides

@@ -1,6 +1,6 @@
 """Prediction and evaluation from a model bundle (a folder, or an MLflow model URI downloaded to one).
 
-from knet_platform.predict import load_model
+from knet_platform.serve.predict import load_model
 predictions = load_model("models:/quickstart@champion").predict([rgb_uint8_array])
 """
 
@@ -20,7 +20,7 @@ from knet.evaluation import CocoInstanceResultsWriter, PanopticResultsWriter, wr
 from knet.structures import Prediction
 
 if TYPE_CHECKING:
-    from knet_platform.experiment import Experiment
+    from knet_platform.experiment.schema import Experiment
 
 TaskPart = Literal["panoptic", "instance", "semantic"]
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -32,8 +32,8 @@ def load_model(model_uri: str | Path, *, tracking_uri: str | None = None) -> Mod
     ``knet run`` writes it)."""
     if "://" not in str(model_uri) and not str(model_uri).startswith("models:"):
         return load_bundle(model_uri)
-    from knet_platform.home import default_tracking_uri
-    from knet_platform.registry import download_model  # MLflow only when a URI is given
+    from knet_platform.experiment.home import default_tracking_uri
+    from knet_platform.tracking.registry import download_model  # MLflow only when a URI is given
 
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
     with tempfile.TemporaryDirectory(prefix="knet-model-") as scratch:

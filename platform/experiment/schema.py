@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from knet_platform.home import local_path
-from knet_platform.overrides import apply_overrides, parse_override
+from knet_platform.experiment.building import ExperimentError, build, plain_fields, require
+from knet_platform.experiment.home import local_path
+from knet_platform.experiment.overrides import apply_overrides, parse_override
+from knet_platform.experiment.yaml_loader import load_yaml
 from knet_platform.redaction import MASK, is_secret_key, redact_text
-from knet_platform.schema import ExperimentError, build, plain_fields, require
-from knet_platform.yaml_text import load_yaml
 
 from knet import KNetConfig
 from knet.config import ConfigFieldError
@@ -169,7 +169,7 @@ class ScalingConfig:
 @dataclass
 class TrackingConfig:
     """MLflow and Ray storage. ``None`` paths default under ``$KNET_HOME`` (default ``<cwd>/.knet``;
-    resolved by ``knet_platform.tracking.resolve_tracking``)."""
+    resolved by ``knet_platform.tracking.runs.resolve_tracking``)."""
 
     uri: str | None = None
     artifact_location: str | None = None
@@ -268,7 +268,7 @@ class Experiment:
     def from_dict(cls, data: dict[str, Any], *, base_dir: str | Path | None = None) -> Experiment:
         """Strict build; relative data paths resolve against ``base_dir`` (default: cwd), the
         synthetic cache and tracking paths against the cwd, except that ``.knet/...`` means
-        ``$KNET_HOME/...`` (see ``knet_platform.home``)."""
+        ``$KNET_HOME/...`` (see ``knet_platform.experiment.home``)."""
         experiment = build(cls, data, "")
         experiment._resolve(Path(base_dir) if base_dir is not None else Path.cwd())
         experiment._check()
@@ -424,7 +424,7 @@ class Experiment:
         assert self.tune is not None
         model_keys = _model_keys(self.task)
         base = self.to_dict()
-        from knet_platform.search_space import SearchSpaceError, check_value_type, field_type
+        from knet_platform.tune.space import SearchSpaceError, check_value_type, field_type
 
         for key, spec in self.tune.space.items():
             _check_spec(key, spec)

@@ -206,7 +206,7 @@ def check_value_type(key: str, op: str, field_type: Any) -> None:
 def field_type(key: str) -> Any:
     """The declared type of a dotted experiment key (``model.*`` keys: the KNetConfig field), or None
     when the key does not name a typed field (an unknown key is reported elsewhere)."""
-    from knet_platform.experiment import Experiment
+    from knet_platform.experiment.schema import Experiment
 
     from knet import KNetConfig
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from knet_platform.search_space import (
+from knet_platform.train.trainer import validate_for_training
+from knet_platform.tune.space import (
     SearchSpaceError,
     check_value_type,
     combinations_to_check,
@@ -15,10 +16,9 @@ from knet_platform.search_space import (
     resolve_space,
     values_to_check,
 )
-from knet_platform.trainer import validate_for_training
 
 if TYPE_CHECKING:
-    from knet_platform.experiment import Experiment
+    from knet_platform.experiment.schema import Experiment
 
 
 def validate_search(experiment: Experiment) -> None:

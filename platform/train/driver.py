@@ -18,14 +18,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import mlflow
-from knet_platform.checkpointing import load_checkpoint
 from knet_platform.errors import RunFailedError
 from knet_platform.knet_adapter import build_datasets, prepare_data, write_bundle
 from knet_platform.ray_runtime import check_capacity, start_ray, stop_ray
 from knet_platform.redaction import redact_text
-from knet_platform.registry import RegisteredModel, log_and_register, pinned_requirements
-from knet_platform.resume_record import latest_record, write_record
-from knet_platform.tracking import (
+from knet_platform.tracking.registry import RegisteredModel, log_and_register, pinned_requirements
+from knet_platform.tracking.resume_record import latest_record, write_record
+from knet_platform.tracking.runs import (
     RunLogger,
     TrackingTarget,
     check_tracking_reachable,
@@ -36,10 +35,11 @@ from knet_platform.tracking import (
     reopen_run,
     resolve_tracking,
 )
-from knet_platform.trainer import build_trainer, validate_for_training
+from knet_platform.train.checkpoints import load_checkpoint
+from knet_platform.train.trainer import build_trainer, validate_for_training
 
 if TYPE_CHECKING:
-    from knet_platform.experiment import Experiment
+    from knet_platform.experiment.schema import Experiment
 
 
 @dataclass

@@ -37,7 +37,7 @@ def test_a_run_logs_yaml_system_info_overlays_step_losses_and_every_checkpoint_a
     tmp_path: Path, local_ray, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from knet_platform.cli import main
-    from knet_platform.runner import run_experiment
+    from knet_platform.train.driver import run_experiment
 
     monkeypatch.chdir(tmp_path)
     extra = ("tracking.log_checkpoints=all", "train.log_every=1")
@@ -118,7 +118,7 @@ def test_a_run_logs_yaml_system_info_overlays_step_losses_and_every_checkpoint_a
 def test_with_log_checkpoints_none_only_checkpoint_uris_reach_mlflow_and_the_model_is_still_registered(
     tmp_path: Path, local_ray, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from knet_platform.runner import run_experiment
+    from knet_platform.train.driver import run_experiment
 
     monkeypatch.chdir(tmp_path)
     experiment = load_tiny(tmp_path, "tracking.log_checkpoints=none", epochs=1, workers=1)

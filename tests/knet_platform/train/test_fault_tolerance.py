@@ -43,7 +43,7 @@ def _system_info_written_at(tmp_path: Path, run_id: str) -> float:
 def test_resume_continues_the_same_run_and_from_checkpoint_starts_a_new_one_from_its_weights(
     tmp_path: Path, local_ray, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from knet_platform.runner import run_experiment
+    from knet_platform.train.driver import run_experiment
 
     monkeypatch.chdir(tmp_path)
     first = run_experiment(load_tiny(tmp_path, epochs=1, workers=2))
@@ -79,7 +79,7 @@ def _train_workers() -> list[int]:
 def test_a_killed_train_worker_is_replaced_and_training_continues_from_the_latest_checkpoint(
     tmp_path: Path, local_ray, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from knet_platform.runner import run_experiment
+    from knet_platform.train.driver import run_experiment
 
     monkeypatch.chdir(tmp_path)
     epochs = 4

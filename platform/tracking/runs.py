@@ -29,13 +29,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import yaml
 from knet_platform.errors import KnetUserError
-from knet_platform.home import knet_home, local_path
+from knet_platform.experiment.home import knet_home, local_path
 from knet_platform.redaction import redact, redact_text
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 
 if TYPE_CHECKING:
-    from knet_platform.experiment import Experiment
+    from knet_platform.experiment.schema import Experiment
 
     from knet.structures import Prediction
 
@@ -229,7 +229,7 @@ def log_experiment(tracking_uri: str, run_id: str, experiment: Experiment) -> No
     MLflow params are immutable: on a resumed run, keys already logged keep their first value and a
     changed value is recorded as a tag ``resume.changed.<key>`` instead of failing the run.
     """
-    from knet_platform.experiment import flatten_params
+    from knet_platform.experiment.schema import flatten_params
 
     client = MlflowClient(tracking_uri=tracking_uri)
     logged = client.get_run(run_id).data.params

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from knet_platform.checkpointing import (
+from knet_platform.train.checkpoints import (
     EXPERIMENT_FILE,
     STATE_FILE,
     TrainingState,
@@ -22,7 +22,7 @@ from knet_platform.checkpointing import (
     restore_rng_state,
     save_checkpoint,
 )
-from knet_platform.optim import param_groups, warmup_step_factor
+from knet_platform.train.optim import param_groups, warmup_step_factor
 from torch import nn
 
 from tests.knet_platform.tiny_run import BIN, load_tiny, start_local_ray
@@ -141,8 +141,8 @@ def local_ray():
 def test_quickstart_on_two_workers_logs_metrics_and_registers_a_champion_that_predicts(
     tmp_path: Path, local_ray, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from knet_platform.registry import download_model
-    from knet_platform.runner import run_experiment
+    from knet_platform.tracking.registry import download_model
+    from knet_platform.train.driver import run_experiment
     from mlflow.tracking import MlflowClient
 
     from knet.bundle import load_bundle
@@ -207,9 +207,9 @@ def test_quickstart_on_two_workers_logs_metrics_and_registers_a_champion_that_pr
 def test_semantic_quickstart_trains_evaluates_miou_and_registers_a_model_that_predicts_label_maps(
     tmp_path: Path, local_ray, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from knet_platform.experiment import load_experiment
-    from knet_platform.registry import download_model
-    from knet_platform.runner import run_experiment
+    from knet_platform.experiment.schema import load_experiment
+    from knet_platform.tracking.registry import download_model
+    from knet_platform.train.driver import run_experiment
     from mlflow.tracking import MlflowClient
 
     from knet.bundle import load_bundle
@@ -242,7 +242,7 @@ def test_semantic_quickstart_trains_evaluates_miou_and_registers_a_model_that_pr
 def test_non_finite_loss_fails_the_run_naming_the_step_and_the_loss_terms(
     tmp_path: Path, local_ray, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from knet_platform.runner import run_experiment
+    from knet_platform.train.driver import run_experiment
     from mlflow.tracking import MlflowClient
 
     monkeypatch.chdir(tmp_path)

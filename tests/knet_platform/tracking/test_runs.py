@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import ray
 import torch
-from knet_platform.tracking import (
+from knet_platform.tracking.runs import (
     NONFINITE_TAG,
     ArtifactLocationMismatchError,
     RunLogger,
@@ -89,7 +89,7 @@ def test_http_tracking_leaves_the_artifact_location_to_the_server(tmp_path: Path
 def test_dead_tracking_server_fails_before_ray_starts_naming_the_uri_and_the_fix(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from knet_platform.runner import run_experiment
+    from knet_platform.train.driver import run_experiment
 
     assert not ray.is_initialized()
     monkeypatch.chdir(tmp_path)
@@ -261,7 +261,7 @@ def test_run_tracked_by_a_real_mlflow_server_proxies_artifacts_registers_and_sto
     """The tracking URI carries credentials (the server ignores them): they are used to connect, and
     appear nowhere in the server's database and artifacts (params, tags, the logged YAML, the uploaded
     checkpoint's experiment.json, system info, the model), in Ray's checkpoints or in what is printed."""
-    from knet_platform.runner import run_experiment
+    from knet_platform.train.driver import run_experiment
     from mlflow.tracking import MlflowClient
 
     plain_uri, artifacts_destination = mlflow_server

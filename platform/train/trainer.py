@@ -10,12 +10,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from knet_platform.train_loop import LoopConfig, train_fn_per_worker
+from knet_platform.train.worker import LoopConfig, train_fn_per_worker
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 if TYPE_CHECKING:
-    from knet_platform.experiment import Experiment
+    from knet_platform.experiment.schema import Experiment
     from ray.train import UserCallback
 
 # Worker failures (a lost node, an OOM-killed process) a run recovers from, from its latest checkpoint.
@@ -42,7 +42,7 @@ def build_trainer(
     init_weights_from: a checkpoint folder whose model weights start this run (fine-tuning; epoch 0).
     Checkpoints are kept by ``train.metric`` / ``train.mode`` (the best ``train.keep_checkpoints``).
     """
-    from knet_platform.tracking import resolve_tracking
+    from knet_platform.tracking.runs import resolve_tracking
 
     validate_for_training(experiment)
     train = experiment.train

@@ -25,31 +25,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from knet_platform.checkpointing import load_checkpoint
 from knet_platform.errors import RunFailedError
 from knet_platform.knet_adapter import build_datasets, prepare_data, write_bundle
 from knet_platform.ray_runtime import start_ray, stop_ray
 from knet_platform.redaction import redact, redact_text
-from knet_platform.registry import RegisteredModel, log_and_register
-from knet_platform.resume_record import NothingToResumeError, latest_record, write_record
-from knet_platform.search_settings import (
-    max_epochs,
-    metric_and_mode,
-    require_optuna,
-    space_of,
-    stopped_early,
-    validate_search,
-)
-from knet_platform.search_space import (
-    MaskedSpace,
-    SearchSpaceError,
-    TrialBudget,
-    mask_space,
-    num_trials,
-    param_space,
-    plan_budget,
-)
-from knet_platform.tracking import (
+from knet_platform.tracking.registry import RegisteredModel, log_and_register
+from knet_platform.tracking.resume_record import NothingToResumeError, latest_record, write_record
+from knet_platform.tracking.runs import (
     TrackingTarget,
     check_tracking_reachable,
     create_run,
@@ -58,11 +40,29 @@ from knet_platform.tracking import (
     reopen_run,
     resolve_tracking,
 )
+from knet_platform.train.checkpoints import load_checkpoint
+from knet_platform.tune.space import (
+    MaskedSpace,
+    SearchSpaceError,
+    TrialBudget,
+    mask_space,
+    num_trials,
+    param_space,
+    plan_budget,
+)
+from knet_platform.tune.validation import (
+    max_epochs,
+    metric_and_mode,
+    require_optuna,
+    space_of,
+    stopped_early,
+    validate_search,
+)
 from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
 if TYPE_CHECKING:
-    from knet_platform.experiment import Experiment
+    from knet_platform.experiment.schema import Experiment
 
 TRIAL_TAG, SEARCH_TAG = "knet.trial_id", "knet.search"
 
@@ -250,8 +250,8 @@ def _run_trial(
     """One trial (runs in its own Tune actor): the base experiment with this trial's values (``config``
     holds Tune's placeholders; ``masked`` gives the real values back), trained as a Ray Train run whose
     rank 0 logs into the trial's MLflow child run."""
-    from knet_platform.experiment import Experiment
-    from knet_platform.trainer import build_trainer
+    from knet_platform.experiment.schema import Experiment
+    from knet_platform.train.trainer import build_trainer
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from knet_platform.errors import KnetUserError
 from knet_platform.redaction import redact_text
-from knet_platform.tracking import TrackingTarget
+from knet_platform.tracking.runs import TrackingTarget
 
 Kind = Literal["run", "search"]
 RECORD_FILES: dict[str, str] = {"run": "knet_run.json", "search": "knet_search.json"}

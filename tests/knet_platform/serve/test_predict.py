@@ -10,16 +10,16 @@ import numpy as np
 import pytest
 import torch
 from knet_platform.cli import main
-from knet_platform.experiment import Experiment, load_experiment
+from knet_platform.experiment.schema import Experiment, load_experiment
 from knet_platform.knet_adapter import build_datasets, build_knet, write_bundle
-from knet_platform.predict import evaluate_bundle, load_model, predict_paths
+from knet_platform.serve.predict import evaluate_bundle, load_model, predict_paths
 from PIL import Image
 
 from knet import KNetConfig, build_model
 from knet.bundle import save_bundle
 from knet.data import Category, CategoryTable, TransformConfig, pack_dataset, synthesize
 
-REPO = Path(__file__).absolute().parents[2]
+REPO = Path(__file__).absolute().parents[3]
 CATEGORIES = CategoryTable([Category(3, "square", True), Category(9, "sky", False)])
 TRANSFORMS = TransformConfig(train_short_sides=[64], max_size=64, test_short_side=64, test_max_size=64)
 

@@ -1,0 +1,2 @@
+"""One training run on Ray Train: the driver, the TorchTrainer, the per-worker loop, checkpoints and the
+optimiser recipe."""
