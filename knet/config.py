@@ -8,12 +8,11 @@ only place these values meet module constructors, which take explicit keyword ar
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import functools
-import types
-import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
+
+from knet import typed_config
+from knet.typed_config import ConfigFieldError as ConfigFieldError  # re-exported: callers catch it here
 
 Task = Literal["panoptic", "instance", "semantic"]
 DecodeHead = Literal["fcn", "psp", "aspp", "uper"]
@@ -22,99 +21,12 @@ TASKS: tuple[str, ...] = get_args(Task)
 DECODE_HEADS: tuple[str, ...] = get_args(DecodeHead)
 
 
-class ConfigFieldError(ValueError):
-    """A model config value of the wrong type or shape.
-
-    key: its dotted path inside the model config (``update.dropout``), so a caller holding the model
-    config under a section of its own can name it in full (``model.update.dropout``); problem: the rest
-    of the message (``must be a float, got None``).
-    """
-
-    def __init__(self, key: str, problem: str) -> None:
-        super().__init__(f"model config key '{key}' {problem}")
-        self.key = key
-        self.problem = problem
+_LABEL = "model config"  # errors read "model config key 'update.dropout' must be a float, got None"
 
 
 def check_field_types(config: Any, section: str) -> None:
-    """Check every field of the dataclass instance ``config`` against its annotation.
-
-    int fields take an int (not a bool, not a float such as 2.0); float fields an int or a float (not a
-    bool; an int is stored as a float); bool fields a bool; str fields a str; ``X | None`` also None;
-    Literal fields one of their values; list / tuple fields a list or tuple whose items fit (stored as
-    the annotated container); dataclass fields an instance. ``section`` prefixes the keys in errors
-    ("" for the top level). Raises ConfigFieldError naming the first offending key.
-    """
-    for name, annotation in _field_types(type(config)).items():
-        value = getattr(config, name)
-        conformed = _conform(value, annotation, f"{section}.{name}" if section else name)
-        if conformed is not value:
-            setattr(config, name, conformed)
-
-
-@functools.cache
-def _field_types(config_type: type) -> dict[str, Any]:
-    """The resolved annotations of a config dataclass (this module postpones them as strings)."""
-    hints = typing.get_type_hints(config_type)
-    return {f.name: hints[f.name] for f in dataclasses.fields(config_type)}
-
-
-_TYPE_NAMES: dict[Any, tuple[str, str]] = {  # annotation -> (one value, several values)
-    bool: ("a bool (true or false)", "bools"),
-    int: ("an integer", "integers"),
-    float: ("a float", "floats"),
-    str: ("a string", "strings"),
-    type(None): ("None", "None"),
-}
-
-
-def _describe(annotation: Any, plural: bool = False) -> str:
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if annotation in _TYPE_NAMES:
-        return _TYPE_NAMES[annotation][plural]
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_describe(option, plural) for option in args)
-    if origin is Literal:
-        return "one of " + ", ".join(map(repr, args))
-    if origin is list or (origin is tuple and args[1:] == (Ellipsis,)):
-        return f"a list of {_describe(args[0], plural=True)}"
-    if origin is tuple:
-        return f"a list of {len(args)} items ({', '.join(_describe(arg) for arg in args)})"
-    return f"a {getattr(annotation, '__name__', annotation)}"
-
-
-def _conform(value: Any, annotation: Any, key: str) -> Any:
-    """``value`` if it fits ``annotation`` (an int in a float field becomes a float, a sequence takes the
-    annotated container); else ConfigFieldError naming ``key``."""
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin in (typing.Union, types.UnionType):
-        for option in args:
-            try:
-                return _conform(value, option, key)
-            except ConfigFieldError:
-                continue
-    elif origin is Literal:
-        if any(type(value) is type(option) and value == option for option in args):
-            return value
-    elif origin in (list, tuple):
-        if isinstance(value, (list, tuple)):
-            variadic = origin is list or args[1:] == (Ellipsis,)
-            item_types = (args[0],) * len(value) if variadic else args
-            if len(item_types) == len(value):
-                pairs = zip(value, item_types, strict=True)
-                return origin(_conform(item, tp, f"{key}[{i}]") for i, (item, tp) in enumerate(pairs))
-    elif annotation is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif annotation is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif annotation in (bool, str, type(None)) or dataclasses.is_dataclass(annotation):
-        if isinstance(value, annotation):
-            return value
-    else:
-        raise TypeError(f"knet.config: no type rule for {annotation!r} ({key})")  # a bug in this module
-    raise ConfigFieldError(key, f"must be {_describe(annotation)}, got {value!r}")
+    """``knet.typed_config.check_field_types`` with model-config messages (see there for the rules)."""
+    typed_config.check_field_types(config, section, label=_LABEL)
 
 
 def _require(condition: bool, message: str) -> None:
@@ -350,27 +262,14 @@ class KNetConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON/YAML-safe nested dicts."""
-        return dataclasses.asdict(self)
+        return typed_config.plain_fields(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> KNetConfig:
-        """Strict: an unknown key raises ValueError naming its dotted path and the closest known key; a
-        value of the wrong type raises ConfigFieldError (a ValueError) naming its dotted key."""
-        if isinstance(data, KNetConfig):
-            return data
-        _require(isinstance(data, dict), f"model config must be a mapping, got {type(data).__name__}")
-        _check_keys(cls, data, prefix="")
-        kwargs: dict[str, Any] = {}
-        for key, value in data.items():
-            nested = _NESTED.get(key)
-            if nested is None or isinstance(value, nested):
-                kwargs[key] = value
-            else:
-                if not isinstance(value, dict):
-                    raise ConfigFieldError(key, f"must be a mapping (a config section), got {value!r}")
-                _check_keys(nested, value, prefix=f"{key}.")
-                kwargs[key] = nested(**value)
-        return cls(**kwargs)
+        """Strict (``knet.typed_config.build``): an unknown key, a value of the wrong type or a section
+        that is not a mapping raises ConfigFieldError (a ValueError) naming its dotted key; an unknown
+        key's message suggests the closest known key."""
+        return typed_config.build(cls, data, label=_LABEL)
 
     # ---- presets --------------------------------------------------------------------------
 
@@ -441,12 +340,3 @@ class KNetConfig:
             decode_head="uper",
             aux_head=True,
         )
-
-
-def _check_keys(config_type: type, data: dict[str, Any], *, prefix: str) -> None:
-    known = [f.name for f in dataclasses.fields(config_type)]
-    for key in data:
-        if key not in known:
-            close = difflib.get_close_matches(str(key), known, n=1)
-            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; known keys: {', '.join(known)}"
-            raise ValueError(f"unknown model config key '{prefix}{key}'{hint}")

@@ -2,23 +2,13 @@
 
 from __future__ import annotations
 
-import difflib
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Literal
+
+from knet.typed_config import build, plain_fields
 
 FORMATS = ("coco_instance", "coco_panoptic", "semantic", "parquet")
 Format = Literal["coco_instance", "coco_panoptic", "semantic", "parquet"]
-
-
-def _strict_kwargs(cls: type, data: dict[str, Any]) -> dict[str, Any]:
-    """Reject unknown keys with a did-you-mean, so a YAML typo never silently becomes a default."""
-    names = [f.name for f in fields(cls)]
-    for key in data:
-        if key not in names:
-            close = difflib.get_close_matches(key, names, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(names)})"
-            raise ValueError(f"{cls.__name__}: unknown field {key!r}{hint}")
-    return dict(data)
 
 
 @dataclass
@@ -59,11 +49,13 @@ class DataSource:
             raise ValueError("DataSource.reduce_zero_label applies to format='semantic' only; remove it")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return plain_fields(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DataSource:
-        return cls(**_strict_kwargs(cls, data))
+        """Strict (``knet.typed_config.build``): an unknown key (with a did-you-mean) or a value of the
+        wrong type raises ConfigFieldError, so a YAML typo never silently becomes a default."""
+        return build(cls, data, label="DataSource")
 
 
 @dataclass
@@ -128,12 +120,10 @@ class TransformConfig:
             raise ValueError(f"TransformConfig.std={self.std} must be positive")
 
     def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        for key, value in out.items():
-            if isinstance(value, tuple):
-                out[key] = list(value)
-        return out
+        """Plain dicts and lists (tuples as lists)."""
+        return plain_fields(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TransformConfig:
-        return cls(**_strict_kwargs(cls, data))
+        """Strict, as ``DataSource.from_dict``."""
+        return build(cls, data, label="TransformConfig")
