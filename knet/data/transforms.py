@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -74,6 +75,17 @@ def normalize(image: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ..
     mean_t = torch.tensor(mean, dtype=torch.float32)[:, None, None]
     std_t = torch.tensor(std, dtype=torch.float32)[:, None, None]
     return (image.float() - mean_t) / std_t
+
+
+def denormalize(
+    image: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...], size: tuple[int, int]
+) -> np.ndarray:
+    """The inverse of ``normalize`` for drawing: (3, H, W) normalised float image (possibly padded,
+    on any device) -> (h, w, 3) uint8 RGB array cropped to its unpadded ``size`` (h, w)."""
+    mean_t = torch.tensor(mean, dtype=image.dtype, device=image.device)[:, None, None]
+    std_t = torch.tensor(std, dtype=image.dtype, device=image.device)[:, None, None]
+    rgb = (image[:, : size[0], : size[1]] * std_t + mean_t).round().clamp(0, 255)  # round: 99.99997 is 100
+    return rgb.permute(1, 2, 0).to(torch.uint8).cpu().numpy()  # (3, h, w) -> (h, w, 3)
 
 
 def train_transform(

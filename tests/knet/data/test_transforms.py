@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from knet.data import TransformConfig, collate_batch
-from knet.data.transforms import crop, eval_transform, resize, scaled_size, train_transform
+from knet.data.transforms import (
+    crop,
+    denormalize,
+    eval_transform,
+    normalize,
+    resize,
+    scaled_size,
+    train_transform,
+)
 
 MEAN, STD = (10.0, 20.0, 30.0), (2.0, 4.0, 5.0)
 
@@ -123,3 +132,12 @@ def test_an_image_without_segments_resizes_to_empty_masks_of_the_new_size() -> N
     empty = {"labels": torch.zeros(0, dtype=torch.int64), "masks": torch.zeros(0, 16, 24, dtype=torch.bool)}
     image, target = resize(torch.zeros(3, 16, 24, dtype=torch.uint8), empty, (32, 48))
     assert image.shape == (3, 32, 48) and target["masks"].shape == (0, 32, 48)
+
+
+def test_denormalize_inverts_normalize_exactly_and_crops_the_padding() -> None:
+    cfg = TransformConfig()
+    rgb = torch.randint(0, 256, (3, 37, 53), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    padded = F.pad(normalize(rgb, cfg.mean, cfg.std), (0, 11, 0, 27))  # (3, 64, 64), as in a batch
+    restored = denormalize(padded, cfg.mean, cfg.std, (37, 53))
+    assert restored.dtype == np.uint8 and restored.shape == (37, 53, 3)
+    assert np.array_equal(restored, rgb.permute(1, 2, 0).numpy())
