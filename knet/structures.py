@@ -7,7 +7,9 @@ Class ids are contiguous training ids: things first ``[0, T)``, then stuff ``[T,
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -112,6 +114,27 @@ class Prediction:
             semantic=self.semantic.resized(size) if self.semantic is not None else None,
             extras=dict(self.extras),
         )
+
+
+T = TypeVar("T")
+
+
+def to_device(value: T, device: torch.device | str) -> T:
+    """``value`` with every tensor inside it (dicts, lists, tuples, dataclasses such as ``Prediction``,
+    nested) moved to ``device``; other values unchanged. Returns new containers, leaves ``value`` as is:
+    predictions and targets go to the CPU this way before evaluation."""
+    if isinstance(value, Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {key: to_device(item, device) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_device(item, device) for item in value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        moved = {
+            f.name: to_device(getattr(value, f.name), device) for f in dataclasses.fields(value) if f.init
+        }
+        return dataclasses.replace(value, **moved)
+    return value
 
 
 def _resize_nearest(maps: Tensor, size: tuple[int, int]) -> Tensor:
