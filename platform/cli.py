@@ -140,6 +140,10 @@ def _run(args: argparse.Namespace) -> int:
     from knet_platform.experiment.home import ray_job_home_warning
 
     experiment = _load(args)  # validated before Ray starts
+    if experiment.tune is not None:  # the same checks as knet show-config
+        from knet_platform.tune.validation import validate_search
+
+        validate_search(experiment)
     warning = ray_job_home_warning()
     if warning is not None:
         print(warning, file=sys.stderr, flush=True)
@@ -168,6 +172,10 @@ def _show_config(args: argparse.Namespace) -> int:
     import yaml
 
     experiment = _load(args)
+    if experiment.tune is not None:  # the same checks as knet run, before it starts Ray
+        from knet_platform.tune.validation import validate_search
+
+        validate_search(experiment)
     resolved = experiment.to_dict()
     resolved["model"] = experiment.model_config(None).to_dict()
     resolved["model"].pop("num_thing_classes")

@@ -217,18 +217,13 @@ class SchedulerConfig:
     reduction_factor: int = 2
     max_epochs: int | None = None  # None -> train.epochs
 
-    def __post_init__(self) -> None:
-        require(self.grace_period >= 1, "tune.scheduler.grace_period", "must be >= 1")
-        require(self.reduction_factor >= 2, "tune.scheduler.reduction_factor", "must be >= 2")
-        require(
-            self.max_epochs is None or self.max_epochs >= self.grace_period,
-            "tune.scheduler.max_epochs",
-            "must be >= grace_period or null",
-        )
-
 
 @dataclass
 class TuneConfig:
+    """The ``tune`` section's fields and defaults; what their values must be (with each other and with
+    the rest of the experiment) is checked before a search runs, by ``validate_search`` in
+    ``knet_platform.tune.validation``."""
+
     space: dict[str, SearchSpec] = field(default_factory=dict)
     num_samples: int = 1
     metric: str | None = None  # None -> train.metric
@@ -237,16 +232,6 @@ class TuneConfig:
     search_alg: Literal["random", "grid", "optuna"] = "random"
     max_concurrent_trials: int | None = None
     trial_driver_cpus: float = 0.25  # CPU reserved per trial for its Train driver (platform-notes)
-
-    def __post_init__(self) -> None:
-        require(bool(self.space), "tune.space", "must name at least one dotted key to search")
-        require(self.num_samples >= 1, "tune.num_samples", "must be >= 1")
-        require(
-            self.max_concurrent_trials is None or self.max_concurrent_trials >= 1,
-            "tune.max_concurrent_trials",
-            "must be >= 1 or null",
-        )
-        require(self.trial_driver_cpus >= 0, "tune.trial_driver_cpus", "must be >= 0")
 
 
 @dataclass
@@ -417,29 +402,6 @@ class Experiment:
                     f"data.{split}.{name}: {value} does not exist. Fix the path (relative paths are "
                     "resolved against the YAML file's folder) or add a data.synthetic section."
                 )
-        if self.tune is not None:
-            self._check_tune()
-
-    def _check_tune(self) -> None:
-        assert self.tune is not None
-        model_keys = _model_keys(self.task)
-        base = self.to_dict()
-        from knet_platform.tune.space import SearchSpaceError, check_value_type, field_type
-
-        for key, spec in self.tune.space.items():
-            _check_spec(key, spec)
-            try:  # before any value is tried: a fractional stage count names the operator, not the model
-                check_value_type(key, spec.op, field_type(key))
-            except SearchSpaceError as error:
-                raise ExperimentError(str(error)) from None
-            values = spec.args if spec.op in ("choice", "grid") else spec.args[:1]
-            for value in values:
-                try:
-                    raw = apply_overrides(base, {key: value}, model_keys=model_keys)
-                    raw.pop("tune", None)
-                    Experiment.from_dict(raw)
-                except ExperimentError as error:
-                    raise ExperimentError(f"tune.space.{key}: {error}") from None
 
 
 _VAL_METRICS = {
@@ -463,7 +425,6 @@ _VAL_METRICS = {
     "instance": ("mask_ap", "mask_ap50", "mask_ap75", "mask_aps", "mask_apm", "mask_apl"),
     "semantic": ("miou", "macc", "aacc"),
 }
-_SPEC_ARITY = {"uniform": 2, "loguniform": 2, "randint": 2, "qrandint": 3}
 
 
 def load_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Experiment:
@@ -525,18 +486,3 @@ def _model_keys(task: str) -> set[str]:
 
     walk("model", config.to_dict())
     return keys
-
-
-def _check_spec(key: str, spec: SearchSpec) -> None:
-    arity = _SPEC_ARITY.get(spec.op)
-    where = f"tune.space.{key}.{spec.op}"
-    if arity is None:
-        return
-    if len(spec.args) != arity or not all(
-        isinstance(a, (int, float)) and not isinstance(a, bool) for a in spec.args
-    ):
-        raise ExperimentError(f"{where}: expected {arity} numbers, got {spec.args!r}")
-    if spec.args[0] >= spec.args[1]:
-        raise ExperimentError(f"{where}: low must be < high, got {spec.args!r}")
-    if spec.op == "loguniform" and spec.args[0] <= 0:
-        raise ExperimentError(f"{where}: loguniform needs low > 0, got {spec.args!r}")

@@ -42,53 +42,6 @@ def test_a_search_whose_trial_cannot_fit_is_refused_before_any_trial_or_run_star
     assert existing is None or not client.search_runs([existing.experiment_id])
 
 
-def test_a_listed_space_value_that_makes_an_invalid_experiment_is_refused_when_the_yaml_loads(
-    tmp_path: Path,
-) -> None:
-    from knet_platform.experiment.schema import ExperimentError
-
-    with pytest.raises(ExperimentError, match=r"tune\.space\.train\.batch_size: .*must be >= 1"):
-        load_tiny(
-            tmp_path,
-            *tune_overrides(lrs=[1e-3]),
-            "tune.space={train.batch_size: {choice: [2, 0]}}",
-            workers=1,
-        )
-
-
-def test_a_range_whose_upper_end_is_invalid_is_refused_before_ray_starts(tmp_path: Path) -> None:
-    from knet_platform.tune.space import SearchSpaceError
-    from knet_platform.tune.validation import validate_search
-
-    experiment = load_tiny(
-        tmp_path,
-        *tune_overrides(lrs=[1e-3]),
-        "tune.space={data.transforms.flip_prob: {uniform: [0.0, 1.5]}}",
-        workers=1,
-    )
-    with pytest.raises(SearchSpaceError, match=r"tune\.space\.data\.transforms\.flip_prob: value 1\.5"):
-        validate_search(experiment)
-
-
-def test_the_tune_quickstart_yaml_loads_and_its_search_validates() -> None:
-    from knet_platform.experiment.schema import load_experiment
-    from knet_platform.tune.space import num_trials
-    from knet_platform.tune.validation import max_epochs, space_of, validate_search
-
-    experiment = load_experiment(REPO / "experiments" / "tune_quickstart.yaml")
-    validate_search(experiment)
-    space = space_of(experiment)
-    assert {"model.num_proposals", "model.num_stages", "train.lr"} <= set(space)
-    assert len([key for key in space if key.startswith("model.update.")]) >= 2
-    assert num_trials(space, experiment.tune.num_samples) >= 4
-    assert experiment.tune.scheduler.type == "asha"
-    assert max_epochs(experiment) == experiment.train.epochs
-    # the per-trial budget moves with train.epochs (the benchmark's --epochs relies on it)
-    longer = load_experiment(REPO / "experiments" / "tune_quickstart.yaml", ["train.epochs=8"])
-    validate_search(longer)
-    assert max_epochs(longer) == 8
-
-
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
