@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 from knet_platform.experiment.schema import Experiment, load_experiment
-from knet_platform.knet_adapter import build_datasets, build_knet, prepare_data
+from knet_platform.knet_adapter import build_model
+from knet_platform.train.datasets import build_datasets, prepare_data
 from knet_platform.train.optim import build_optimizer
 from torch.utils.data import DataLoader
 
@@ -59,7 +60,7 @@ def bare_loop(experiment: Experiment, total_steps: int, warmup_steps: int) -> tu
     torch.set_num_threads(1)
     started = time.perf_counter()
     datasets = build_datasets(experiment)
-    model, _ = build_knet(experiment, datasets.categories)
+    model = build_model(experiment.model_config(datasets.categories))
     train = experiment.train
     optimizer = build_optimizer(
         model,

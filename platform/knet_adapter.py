@@ -1,170 +1,164 @@
-"""The one place the training platform calls ``knet``'s model, data, evaluation and bundle API.
+"""The one module of ``knet_platform`` that imports ``knet``: the model, data, evaluation and bundle API
+the platform uses, and the few compositions of it the platform needs.
 
-Everything else in the platform handles Ray and MLflow; if ``knet``'s public API changes, this is
-the file to update (the role DETR's ``d2/`` adapter plays).
+Everything else in the platform handles YAML, Ray and MLflow and reaches ``knet`` through the names
+here (a test enforces it), so a change of ``knet``'s public API is mended in this file alone (the role
+DETR's ``d2/`` adapter plays). It takes ``knet`` types and plain values, never the platform's
+``Experiment``, so nothing here depends on the platform.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import numpy as np
-import torch
 from torch import nn
 
-from knet import build_model
-from knet.bundle import save_bundle
-from knet.data import DataSource, build_dataset, synthesize
-from knet.data.parquet import load_manifest
-from knet.evaluation import InstanceEvaluator, PanopticEvaluator, SemanticEvaluator
+from knet import KNetConfig, build_model
+from knet.bundle import ModelBundle, load_bundle, save_bundle
+from knet.config import ConfigFieldError
+from knet.data import CategoryTable, DataSource, TransformConfig, build_dataset, collate_batch, synthesize
+from knet.data.check import check_dataset, detect_source
+from knet.data.parquet import load_manifest, pack_dataset
+from knet.data.transforms import denormalize
+from knet.evaluation import (
+    CocoInstanceResultsWriter,
+    EvaluationResult,
+    PanopticResultsWriter,
+    build_evaluators,
+    evaluate,
+    evaluate_results,
+    write_semantic_png,
+)
+from knet.structures import Prediction, to_device
+from knet.visualize import render_overlay
 
-if TYPE_CHECKING:
-    from knet_platform.experiment.schema import Experiment
+__all__ = [
+    "CategoryTable",
+    "CocoInstanceResultsWriter",
+    "ConfigFieldError",
+    "DataSource",
+    "EvaluationResult",
+    "KNetConfig",
+    "ModelBundle",
+    "PanopticResultsWriter",
+    "Prediction",
+    "TransformConfig",
+    "build_dataset",
+    "build_evaluators",
+    "build_model",
+    "check_dataset",
+    "collate_batch",
+    "denormalize",
+    "detect_source",
+    "evaluate",
+    "evaluate_results",
+    "load_bundle",
+    "model_config_for_task",
+    "model_keys",
+    "pack_dataset",
+    "reduces_zero_label",
+    "render_overlay",
+    "synthesize",
+    "to_device",
+    "used_model_fields",
+    "with_class_counts",
+    "write_bundle",
+    "write_semantic_png",
+]
 
-    from knet import KNetConfig
-    from knet.data import CategoryTable
-
-# DataSource fields that name files or folders (checked before training, synthesised when missing)
-_PATH_FIELDS = ("images", "annotations", "masks", "shards")
+# Class counts a model section is validated with before the dataset is known (each task's minimum).
+PLACEHOLDER_COUNTS = {"panoptic": (1, 1), "instance": (1, 0), "semantic": (0, 2)}
 
 
-@dataclass
-class Datasets:
-    """train / val map-style datasets (items: image (3, h, w) float, target dict, meta dict)."""
+def model_config_for_task(task: str, section: dict[str, Any]) -> KNetConfig:
+    """The task's paper preset with the experiment's ``model`` section over it. Class counts the
+    section does not give are placeholders until :func:`with_class_counts` fills in the dataset's.
 
-    train: torch.utils.data.Dataset
-    val: torch.utils.data.Dataset | None
-    categories: CategoryTable
-
-
-def prepare_data(experiment: Experiment) -> bool:
-    """On the driver, before any worker starts: generate the synthetic dataset into its cache folder
-    when the experiment asks for it and the files are not there yet. Returns True if it generated.
-
-    The experiment's ``data.train`` / ``data.val`` must point into ``data.synthetic.cache_dir``; after
-    generation every path they name must exist, otherwise this raises naming the missing path.
+    Raises ConfigFieldError (a key of the section with a wrong type) or ValueError (a bad value).
     """
-    data = experiment.data
-    if data.train is None:
-        raise ValueError(
-            "data.train is not set. Point it at a dataset (a DataSource), or at the synthetic "
-            "dataset's files inside data.synthetic.cache_dir."
-        )
-    missing = _missing_paths(experiment)
-    if not missing:
-        return False
-    synthetic = data.synthetic
-    if synthetic is None:
-        raise FileNotFoundError(
-            f"data paths do not exist: {', '.join(missing)}. Fix the paths in the experiment YAML "
-            "(relative paths are resolved against the YAML's folder) or add a data.synthetic section."
-        )
-    synthesize(
-        synthetic.cache_dir,
-        num_images=synthetic.num_images,
-        seed=synthetic.seed,
-        image_size=tuple(synthetic.image_size),
+    section = dict(section)
+    placeholder_things, placeholder_stuff = PLACEHOLDER_COUNTS[task]
+    things = section.pop("num_thing_classes", None)
+    stuff = section.pop("num_stuff_classes", None)
+    things = placeholder_things if things is None else things
+    stuff = placeholder_stuff if stuff is None else stuff
+    backbone = section.pop("backbone", None) or "resnet50"
+    return KNetConfig.for_task(
+        task, num_thing_classes=things, num_stuff_classes=stuff, backbone=backbone, **section
     )
-    still_missing = _missing_paths(experiment)
-    if still_missing:
-        raise FileNotFoundError(
-            f"generated the synthetic dataset into {synthetic.cache_dir}, but {', '.join(still_missing)} "
-            "still do not exist: point data.train / data.val at files inside data.synthetic.cache_dir."
-        )
-    return True
 
 
-def build_datasets(experiment: Experiment) -> Datasets:
-    """The experiment's train and val datasets (val is None when the experiment has none).
-
-    Val is built with the train split's category table, so class ids mean the same in both (a
-    semantic split without a categories JSON would otherwise number only the labels it holds; other
-    formats must list the same categories, else a DataError names the val file).
-    """
-    data = experiment.data
-    train = build_dataset(data.train, data.transforms, train=True)
-    val = None
-    if data.val is not None:
-        val = build_dataset(data.val, data.transforms, train=False, categories=train.categories)
-    return Datasets(train=train, val=val, categories=train.categories)
+def with_class_counts(config: KNetConfig, categories: CategoryTable) -> KNetConfig:
+    """``config`` with the dataset's thing and stuff class counts (validated again)."""
+    return KNetConfig.from_dict(
+        {
+            **config.to_dict(),
+            "num_thing_classes": categories.num_thing_classes,
+            "num_stuff_classes": categories.num_stuff_classes,
+        }
+    )
 
 
-def build_knet(experiment: Experiment, categories: CategoryTable) -> tuple[nn.Module, KNetConfig]:
-    """The K-Net model for this experiment, class counts filled from the dataset's categories."""
-    model_config = experiment.model_config(categories)
-    return build_model(model_config), model_config
+def model_keys(config: KNetConfig) -> set[str]:
+    """Every dotted key of a model section (``num_proposals``, ``update``, ``update.num_heads``...)."""
+    keys: set[str] = set()
+
+    def walk(prefix: str, value: Any) -> None:
+        if prefix:
+            keys.add(prefix)
+        if isinstance(value, dict):
+            for key, item in value.items():
+                walk(f"{prefix}.{key}" if prefix else key, item)
+
+    walk("", config.to_dict())
+    return keys
 
 
-def build_evaluators(model_config: KNetConfig, class_names: list[str] | None = None) -> dict[str, Any]:
-    """One evaluator per prediction part the model produces, keyed by that part's name; per-class
-    results are keyed by ``class_names`` (contiguous order, things first), when given."""
-    things, stuff = model_config.num_thing_classes, model_config.num_stuff_classes
-    inference = model_config.inference
-    evaluators: dict[str, Any] = {}
-    if inference.panoptic_on:
-        evaluators["panoptic"] = PanopticEvaluator(
-            num_thing_classes=things, num_stuff_classes=stuff, class_names=class_names
-        )
-    if inference.instance_on and things > 0:
-        evaluators["instance"] = InstanceEvaluator(
-            num_thing_classes=things, class_names=class_names[:things] if class_names is not None else None
-        )
-    if inference.semantic_on:
-        evaluators["semantic"] = SemanticEvaluator(num_classes=things + stuff, class_names=class_names)
-    if not evaluators:
-        raise ValueError("model.inference switches every output off (panoptic_on/instance_on/semantic_on)")
-    return evaluators
+# Model keys a task's model never reads (knet.build: the semantic variant has fixed class kernels, no
+# matching and its own criterion and post-processor; the mask variants have no decode or aux head;
+# the instance model has no rank loss).
+_UNUSED_BY_TASK: dict[str, tuple[str, ...]] = {
+    "semantic": (
+        "num_proposals", "matcher", "loss.cls_weight", "loss.mask_weight", "loss.dice_weight",
+        "loss.rank_weight", "inference.max_per_image", "inference.mask_thr",
+        "inference.instance_score_thr", "inference.overlap_thr",
+    ),
+    "panoptic": ("decode_head", "aux_head", "loss.aux_weight"),
+    "instance": ("decode_head", "aux_head", "loss.aux_weight", "loss.rank_weight", "inference.overlap_thr"),
+}  # fmt: skip
+
+
+def used_model_fields(config: KNetConfig) -> dict[str, Any]:
+    """``config`` as a dict without the keys its task never reads (what ``knet show-config`` prints)."""
+    fields = config.to_dict()
+    for dotted in _UNUSED_BY_TASK[config.task]:
+        *sections, key = dotted.split(".")
+        owner = fields
+        for section in sections:
+            owner = owner[section]
+        owner.pop(key)
+    return fields
 
 
 def write_bundle(
     directory: str | Path,
-    experiment: Experiment,
+    model: nn.Module,
+    model_config: KNetConfig,
     categories: CategoryTable,
-    model_state: dict[str, torch.Tensor],
+    transforms: TransformConfig,
+    *,
+    reduce_zero_label: bool,
 ) -> Path:
-    """A ``knet.bundle`` folder (weights + model config + inference settings) from trained weights;
-    it records the training data's ``reduce_zero_label`` so predictions are written in its label ids."""
-    model, model_config = build_knet(experiment, categories)
-    model.load_state_dict(model_state)
-    model.eval()
-    save_bundle(
-        directory,
-        model,
-        model_config,
-        categories,
-        experiment.data.transforms,
-        reduce_zero_label=_reduces_zero_label(experiment.data.train),
+    """A ``knet.bundle`` folder (weights + model config + categories + test transforms) of ``model``."""
+    return save_bundle(
+        directory, model, model_config, categories, transforms, reduce_zero_label=reduce_zero_label
     )
-    return Path(directory)
 
 
-def _reduces_zero_label(source: DataSource) -> bool:
+def reduces_zero_label(source: DataSource) -> bool:
     """Whether the training labels are ADE20K-style (dataset id = category id + 1), for packed shards
     as their manifest recorded it."""
     if source.format == "parquet" and source.shards is not None:
         return load_manifest(source.shards).reduce_zero_label
     return source.reduce_zero_label
-
-
-def denormalize(image: torch.Tensor, experiment: Experiment, size: tuple[int, int]) -> np.ndarray:
-    """(3, H, W) normalised float image -> (h, w, 3) uint8 RGB, cropped to its unpadded ``size``."""
-    transforms = experiment.data.transforms
-    mean = torch.tensor(transforms.mean, dtype=image.dtype, device=image.device)[:, None, None]
-    std = torch.tensor(transforms.std, dtype=image.dtype, device=image.device)[:, None, None]
-    rgb = (image[:, : size[0], : size[1]] * std + mean).clamp(0, 255)
-    return rgb.permute(1, 2, 0).to(torch.uint8).cpu().numpy()  # (3, h, w) -> (h, w, 3)
-
-
-def _missing_paths(experiment: Experiment) -> list[str]:
-    missing = []
-    for split in ("train", "val"):
-        source = getattr(experiment.data, split)
-        if source is None:
-            continue
-        for field_name in _PATH_FIELDS:
-            value = getattr(source, field_name, None)
-            if value and "://" not in str(value) and not Path(value).exists():
-                missing.append(f"data.{split}.{field_name}={value}")
-    return missing

@@ -7,13 +7,12 @@ import difflib
 from typing import Any
 
 import yaml
+from knet_platform.experiment.building import ExperimentError
 from knet_platform.experiment.yaml_loader import load_yaml
 
 
 def parse_override(text: str) -> tuple[str, Any]:
     """``"train.lr=2e-4"`` -> ``("train.lr", 0.0002)``; the value is parsed as YAML (``null``, lists...)."""
-    from knet_platform.experiment.schema import ExperimentError
-
     key, sep, raw = text.partition("=")
     key = key.strip()
     if not sep or not key or any(not part for part in key.split(".")):
@@ -30,8 +29,6 @@ def apply_overrides(
 ) -> dict[str, Any]:
     """A deep copy of ``raw`` with each dotted key set. ``model.*`` keys must name a KNetConfig field
     (``model_keys``, e.g. ``model.update.num_heads``); other keys are checked when the experiment is built."""
-    from knet_platform.experiment.schema import ExperimentError
-
     result = copy.deepcopy(raw)
     for key, value in overrides.items():
         if key.startswith("model.") and key not in model_keys:

@@ -8,6 +8,7 @@ Every problem raises one ``ExperimentError`` naming the key and the fix.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import re
 import typing
@@ -20,14 +21,17 @@ from knet_platform.experiment.building import ExperimentError, build, plain_fiel
 from knet_platform.experiment.home import local_path
 from knet_platform.experiment.overrides import apply_overrides, parse_override
 from knet_platform.experiment.yaml_loader import load_yaml
+from knet_platform.knet_adapter import (
+    CategoryTable,
+    ConfigFieldError,
+    DataSource,
+    KNetConfig,
+    TransformConfig,
+    model_config_for_task,
+    model_keys,
+    with_class_counts,
+)
 from knet_platform.redaction import MASK, is_secret_key, redact_text
-
-from knet import KNetConfig
-from knet.config import ConfigFieldError
-from knet.data import DataSource, TransformConfig
-
-if typing.TYPE_CHECKING:
-    from knet.data import CategoryTable
 
 Task = Literal["panoptic", "instance", "semantic"]
 Mode = Literal["max", "min"]
@@ -60,9 +64,11 @@ class DataConfig:
     transforms: TransformConfig = field(default_factory=TransformConfig)
     synthetic: SyntheticConfig | None = None
     num_workers: int = 2  # DataLoader workers per Ray worker
+    repeat: int = 1  # the train split is seen this many times per epoch (a tiny dataset: more steps)
 
     def __post_init__(self) -> None:
         require(self.num_workers >= 0, "data.num_workers", "must be >= 0 (0 loads in the worker)")
+        require(self.repeat >= 1, "data.repeat", "must be >= 1 (1 = each train image once per epoch)")
 
 
 @dataclass
@@ -235,12 +241,63 @@ class TuneConfig:
 
 
 @dataclass
+class ModelSection:
+    """The ``model`` section: the keys the YAML writes (over the task's paper preset) and the
+    ``KNetConfig`` they build, made once when the experiment is built (:meth:`Experiment.from_dict`).
+    Its class counts are placeholders until :meth:`for_categories` fills in the dataset's."""
+
+    YAML_FORM: typing.ClassVar[str] = "model keys over the task's preset, e.g. {num_proposals: 100}"
+
+    written: dict[str, Any] = field(default_factory=dict)
+    config: KNetConfig | None = field(default=None, compare=False, repr=False)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelSection:
+        return cls(written=dict(data))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.written)
+
+    def bind(self, task: str) -> KNetConfig:
+        """Build (once) and return the section's config for ``task``; errors name the model key."""
+        if self.config is None or self.config.task != task:
+            section = dict(self.written)
+            if section.pop("task", task) != task:
+                raise ExperimentError(
+                    f"model.task={self.written['task']!r} differs from task={task!r}: remove model.task"
+                )
+            try:
+                self.config = model_config_for_task(task, section)
+            except ConfigFieldError as error:
+                raise ExperimentError(f"model.{error.key}: {error.problem}") from None
+            except (ValueError, TypeError) as error:
+                raise ExperimentError(f"model: {error}") from None
+        return self.config
+
+    def for_categories(self, categories: CategoryTable) -> KNetConfig:
+        """The model config with the dataset's class counts (a count the YAML gives must match)."""
+        found = {
+            "num_thing_classes": categories.num_thing_classes,
+            "num_stuff_classes": categories.num_stuff_classes,
+        }
+        for key, count in found.items():
+            written = self.written.get(key)
+            if written is not None and written != count:
+                raise ExperimentError(
+                    f"model.{key}={written} but the dataset has {count}: remove model.{key} "
+                    "(class counts come from the dataset's categories)"
+                )
+        assert self.config is not None, "ModelSection.bind runs when the experiment is built"
+        return with_class_counts(self.config, categories)
+
+
+@dataclass
 class Experiment:
     """One experiment file. Paths are absolute once built (see ``from_dict``'s ``base_dir``)."""
 
     name: str
     task: Task
-    model: dict[str, Any] = field(default_factory=dict)  # validated by KNetConfig.from_dict
+    model: ModelSection = field(default_factory=ModelSection)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
@@ -265,7 +322,7 @@ class Experiment:
 
     def with_overrides(self, overrides: dict[str, Any]) -> Experiment:
         """A new, validated experiment with dotted keys (``model.num_proposals``) replaced."""
-        raw = apply_overrides(self.to_dict(), overrides, model_keys=_model_keys(self.task))
+        raw = apply_overrides(self.to_dict(), overrides, model_keys=MODEL_KEYS)
         try:
             return Experiment.from_dict(raw)
         except ExperimentError as error:
@@ -275,44 +332,16 @@ class Experiment:
     # ---- derived -------------------------------------------------------------------------
 
     def model_config(self, categories: CategoryTable | None = None) -> KNetConfig:
-        """The ``KNetConfig``: the task's paper preset, the ``model`` section over it, and class
-        counts from ``categories`` (a placeholder count when None, for validation only)."""
-        section = dict(self.model)
-        if section.pop("task", self.task) != self.task:
-            raise ExperimentError(
-                f"model.task={self.model['task']!r} differs from task={self.task!r}: remove model.task"
-            )
-        counts = {"num_thing_classes": section.pop("num_thing_classes", None)}
-        counts["num_stuff_classes"] = section.pop("num_stuff_classes", None)
-        if categories is not None:
-            found = {
-                "num_thing_classes": categories.num_thing_classes,
-                "num_stuff_classes": categories.num_stuff_classes,
-            }
-            for key, value in counts.items():
-                if value is not None and value != found[key]:
-                    raise ExperimentError(
-                        f"model.{key}={value} but the dataset has {found[key]}: remove model.{key} "
-                        "(class counts come from the dataset's categories)"
-                    )
-            counts = found
-        else:
-            placeholder = {"panoptic": (1, 1), "instance": (1, 0), "semantic": (0, 2)}[self.task]
-            counts = {
-                "num_thing_classes": placeholder[0]
-                if counts["num_thing_classes"] is None
-                else counts["num_thing_classes"],
-                "num_stuff_classes": placeholder[1]
-                if counts["num_stuff_classes"] is None
-                else counts["num_stuff_classes"],
-            }
-        backbone = section.pop("backbone", {})
-        try:
-            return KNetConfig.for_task(self.task, backbone=backbone or "resnet50", **counts, **section)
-        except ConfigFieldError as error:
-            raise ExperimentError(f"model.{error.key}: {error.problem}") from None
-        except (ValueError, TypeError) as error:
-            raise ExperimentError(f"model: {error}") from None
+        """The ``KNetConfig``: the task's paper preset with the ``model`` section over it, class counts
+        from ``categories`` (placeholders when None: for validation and display only)."""
+        if categories is None:
+            return self.model.bind(self.task)
+        return self.model.for_categories(categories)
+
+    def without_tune(self) -> Experiment:
+        """This experiment as one training run sees it: no ``tune`` section (a trial's values are
+        already applied), the model config already built."""
+        return dataclasses.replace(self, tune=None)
 
     def resolved_paths(self) -> dict[str, str]:
         """Every data path by dotted key, absolute (already resolved when the experiment was built)."""
@@ -355,8 +384,7 @@ class Experiment:
         require(
             bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*", self.name)), "name", "use letters, digits, '.', '_', '-'"
         )
-        self.model_config(None)  # the model section must build a valid KNetConfig for this task
-        weights = self.model_config(None).backbone.pretrained_path
+        weights = self.model.bind(self.task).backbone.pretrained_path
         if weights and "://" not in weights and not Path(weights).is_file():
             raise ExperimentError(
                 f"model.backbone.pretrained_path: {weights} does not exist. Point it at a local weights "
@@ -425,6 +453,8 @@ _VAL_METRICS = {
     "instance": ("mask_ap", "mask_ap50", "mask_ap75", "mask_aps", "mask_apm", "mask_apl"),
     "semantic": ("miou", "macc", "aacc"),
 }
+# every dotted key an override may set inside the model section (the same fields for every task)
+MODEL_KEYS = {f"model.{key}" for key in model_keys(KNetConfig())}
 
 
 def load_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Experiment:
@@ -439,8 +469,7 @@ def load_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = (
     if not isinstance(raw, dict):
         raise ExperimentError(f"{path} must hold a mapping with name, task, model, data, ...")
     parsed = dict(parse_override(text) for text in overrides)
-    task = raw.get("task", parsed.get("task"))
-    raw = apply_overrides(raw, parsed, model_keys=_model_keys(task if task in _VAL_METRICS else "panoptic"))
+    raw = apply_overrides(raw, parsed, model_keys=MODEL_KEYS)
     return Experiment.from_dict(raw, base_dir=path.parent.absolute())
 
 
@@ -470,19 +499,3 @@ def flatten_params(experiment: Experiment) -> dict[str, str]:
 def _absolute(value: str, base: Path) -> Path:
     path = Path(value).expanduser()
     return path if path.is_absolute() else (base / path).resolve()
-
-
-def _model_keys(task: str) -> set[str]:
-    """Every dotted key of the model section (from the task's resolved KNetConfig)."""
-    counts = {"panoptic": (1, 1), "instance": (1, 0), "semantic": (0, 2)}[task]
-    config = KNetConfig.for_task(task, num_thing_classes=counts[0], num_stuff_classes=counts[1])
-    keys: set[str] = set()
-
-    def walk(prefix: str, value: Any) -> None:
-        keys.add(prefix)
-        if isinstance(value, dict):
-            for key, item in value.items():
-                walk(f"{prefix}.{key}", item)
-
-    walk("model", config.to_dict())
-    return keys

@@ -9,21 +9,30 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import numpy as np
-import torch
-from PIL import Image, ImageDraw, ImageFont
-
-from knet.bundle import ModelBundle, load_bundle, prediction_to_cpu
-from knet.evaluation import CocoInstanceResultsWriter, PanopticResultsWriter, write_semantic_png
-from knet.structures import Prediction
-
-if TYPE_CHECKING:
-    from knet_platform.experiment.schema import Experiment
+from knet_platform.errors import KnetUserError
+from knet_platform.knet_adapter import (
+    CocoInstanceResultsWriter,
+    ModelBundle,
+    PanopticResultsWriter,
+    load_bundle,
+    render_overlay,
+    write_semantic_png,
+)
+from PIL import Image
 
 TaskPart = Literal["panoptic", "instance", "semantic"]
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+class InputNotFoundError(KnetUserError, FileNotFoundError):
+    """An input to predict does not exist, or a folder holds no images."""
+
+
+class TaskPartError(KnetUserError, ValueError):
+    """The prediction part asked for (``--task-part``) is one the model does not produce."""
 
 
 def load_model(model_uri: str | Path, *, tracking_uri: str | None = None) -> ModelBundle:
@@ -49,14 +58,19 @@ def expand_inputs(inputs: list[Path]) -> list[Path]:
         elif item.is_file():
             files.append(item)
         else:
-            raise FileNotFoundError(f"input {item} does not exist: pass image files or folders")
+            raise InputNotFoundError(f"input {item} does not exist: pass image files or folders")
     if not files:
-        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {', '.join(map(str, inputs))}")
+        raise InputNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {', '.join(map(str, inputs))}")
     return files
 
 
 def predict_paths(
-    bundle: ModelBundle, inputs: list[Path], out_dir: str | Path, *, task_part: TaskPart | None = None
+    bundle: ModelBundle,
+    inputs: list[Path],
+    out_dir: str | Path,
+    *,
+    task_part: TaskPart | None = None,
+    score_threshold: float = 0.3,
 ) -> list[Path]:
     """Predict every image and write official-format results plus overlays into ``out_dir``:
 
@@ -77,7 +91,7 @@ def predict_paths(
         image = np.asarray(Image.open(path).convert("RGB"))  # (h, w, 3) uint8
         (prediction,) = bundle.predict([image])
         if getattr(prediction, part) is None:
-            raise ValueError(
+            raise TaskPartError(
                 f"the model does not produce a {part} part; pick --task-part {bundle.config.task}"
             )
         if panoptic is not None:
@@ -95,7 +109,8 @@ def predict_paths(
             )
         overlay_path = out / "overlays" / f"{path.stem}.png"
         overlay_path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(draw_overlay(image, prediction, part, bundle.categories.names)).save(overlay_path)
+        overlay = render_overlay(image, prediction, bundle.categories.names, part=part, score_threshold=score_threshold)
+        Image.fromarray(overlay).save(overlay_path)
         written.append(overlay_path)
     if panoptic is not None:
         written.append(panoptic.write(out / "panoptic.json"))
@@ -108,65 +123,3 @@ def image_id_of(path: Path, index: int) -> int:
     """COCO convention: a numeric file stem is the image id (``000000000139.jpg`` -> 139), so results
     can be scored against the dataset's annotations; other names get their 1-based position."""
     return int(path.stem) if path.stem.isdigit() else index
-
-
-def draw_overlay(image: np.ndarray, prediction: Prediction, part: TaskPart, names: list[str]) -> np.ndarray:
-    """(h, w, 3) uint8 image blended 50/50 with one colour per segment, class names at segment centres."""
-    segments, labels = _segments(prediction, part)  # (h, w) int64 0 = none; label per segment id - 1
-    palette = np.random.default_rng(0).integers(40, 256, size=(len(labels) + 1, 3))
-    colours = palette[segments].astype(np.float32)  # (h, w) -> (h, w, 3)
-    blended = np.where(segments[..., None] > 0, 0.5 * image + 0.5 * colours, image).astype(np.uint8)
-    canvas = Image.fromarray(blended)
-    draw = ImageDraw.Draw(canvas)
-    font = ImageFont.load_default()
-    for index, label in enumerate(labels, start=1):
-        ys, xs = np.nonzero(segments == index)
-        if len(ys):
-            draw.text((int(xs.mean()), int(ys.mean())), names[label], fill=(255, 255, 255), font=font)
-    return np.asarray(canvas)
-
-
-def _segments(prediction: Prediction, part: TaskPart) -> tuple[np.ndarray, list[int]]:
-    if part == "panoptic":
-        return prediction.panoptic.segment_map.numpy().astype(np.int64), prediction.panoptic.labels.tolist()
-    if part == "instance":
-        masks = prediction.instance.masks.numpy()  # (M, h, w) bool, highest score first
-        ids = np.zeros(masks.shape[1:], dtype=np.int64)
-        for index in range(masks.shape[0] - 1, -1, -1):  # highest score painted last, on top
-            ids[masks[index]] = index + 1
-        return ids, prediction.instance.labels.tolist()
-    label_map = prediction.semantic.label_map.numpy().astype(np.int64)
-    classes = np.unique(label_map).tolist()
-    ids = np.searchsorted(np.array(classes), label_map) + 1  # class -> 1..len(classes)
-    return ids, classes
-
-
-@torch.no_grad()
-def evaluate_bundle(bundle: ModelBundle, experiment: Experiment) -> dict[str, float]:
-    """The bundle's metrics on the experiment's val set (keys ``val/pq``, ``val/mask_ap``, ``val/miou``...),
-    scored at each image's original size like ``knet evaluate-results`` on written files."""
-    from knet_platform.knet_adapter import build_evaluators
-
-    from knet.data import build_dataset, collate_batch
-    from knet.evaluation import original_sizes, process_at_original_size
-
-    if experiment.data.val is None:
-        raise ValueError("the experiment has no data.val: add a val DataSource to evaluate on")
-    # The bundle's category table: class ids mean what they meant in training (a DataError names the
-    # val file when it lists other categories).
-    dataset = build_dataset(experiment.data.val, bundle.transforms, train=False, categories=bundle.categories)
-    evaluators = build_evaluators(bundle.config, bundle.categories.names)  # as validation in training
-    loader = torch.utils.data.DataLoader(dataset, batch_size=bundle.batch_size, collate_fn=collate_batch)
-    device = next(bundle.model.parameters()).device
-    for evaluator in evaluators.values():
-        evaluator.reset()
-    for batch in loader:
-        predictions = bundle.model(
-            batch.images.to(device), image_sizes=batch.image_sizes, output_sizes=original_sizes(batch.metas)
-        )
-        predictions = [prediction_to_cpu(p) for p in predictions]
-        process_at_original_size(evaluators.values(), predictions, batch.targets, batch.metas)
-    metrics: dict[str, float] = {}
-    for evaluator in evaluators.values():
-        metrics.update({f"val/{k}": float(v) for k, v in evaluator.evaluate().items() if k != "per_class"})
-    return metrics

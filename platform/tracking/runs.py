@@ -37,8 +37,6 @@ from mlflow.tracking import MlflowClient
 if TYPE_CHECKING:
     from knet_platform.experiment.schema import Experiment
 
-    from knet.structures import Prediction
-
 LOG_CHECKPOINT_CHOICES = ("best", "all", "none")
 _MAX_BATCH = 100  # MLflow accepts at most 100 params (and 1000 metrics) per log_batch call
 
@@ -299,7 +297,8 @@ class RunLogger:
         """Log one epoch's metrics (``epoch`` counts from 1); False when that epoch is already logged."""
         if epoch <= self.last_logged_epoch:
             return False
-        entries = self._metrics(metrics, epoch, f"epoch {epoch}")
+        # "epoch" itself is logged once below, at its own step (it is in Ray's report dict too)
+        entries = self._metrics({k: v for k, v in metrics.items() if k != "epoch"}, epoch, f"epoch {epoch}")
         entries.append(Metric("epoch", float(epoch), _now_ms(), epoch))
         for start in range(0, len(entries), 1000):
             self.client.log_batch(self.run_id, metrics=entries[start : start + 1000])
@@ -375,44 +374,14 @@ class RunLogger:
         """Set a tag on the run, secrets in ``value`` masked."""
         self.client.set_tag(self.run_id, key, redact_text(str(value)))
 
-    def log_overlays(self, images: list[np.ndarray], predictions: list[Prediction], epoch: int) -> None:
-        """Log each image blended with a colour per predicted segment (``overlays/epoch_XXX_i.png``)."""
-        for index, (image, prediction) in enumerate(zip(images, predictions)):
-            self.client.log_image(
-                self.run_id,
-                overlay(image, prediction),
-                artifact_file=f"overlays/epoch_{epoch:03d}_{index}.png",
-            )
+    def log_overlays(self, overlays: list[np.ndarray], epoch: int) -> None:
+        """Log rendered overlays ((h, w, 3) uint8 each) as ``overlays/epoch_XXX_i.png``."""
+        for index, overlay in enumerate(overlays):
+            self.client.log_image(self.run_id, overlay, artifact_file=f"overlays/epoch_{epoch:03d}_{index}.png")
 
 
 def _json_number(value: float) -> float | None:
     return float(value) if math.isfinite(value) else None
-
-
-def overlay(image: np.ndarray, prediction: Prediction, alpha: float = 0.5) -> np.ndarray:
-    """(H, W, 3) uint8 image blended with one colour per segment of the prediction's panoptic,
-    instance or semantic part (whichever is present, in that order)."""
-    segment_ids = _segment_map(prediction)  # (H, W) int64, 0 = nothing
-    palette = np.random.default_rng(0).integers(40, 256, size=(int(segment_ids.max()) + 1, 3))
-    palette[0] = 0
-    colours = palette[segment_ids].astype(np.float32)  # (H, W) -> (H, W, 3)
-    painted = segment_ids[..., None] > 0
-    blended = np.where(painted, (1 - alpha) * image.astype(np.float32) + alpha * colours, image)
-    return blended.clip(0, 255).astype(np.uint8)
-
-
-def _segment_map(prediction: Prediction) -> np.ndarray:
-    if prediction.panoptic is not None:
-        return prediction.panoptic.segment_map.cpu().numpy().astype(np.int64)
-    if prediction.instance is not None:
-        masks = prediction.instance.masks.cpu().numpy()  # (M, H, W) bool
-        ids = np.zeros(masks.shape[1:], dtype=np.int64)
-        for index in range(masks.shape[0] - 1, -1, -1):  # highest score painted last, so on top
-            ids[masks[index]] = index + 1
-        return ids
-    if prediction.semantic is not None:
-        return prediction.semantic.label_map.cpu().numpy().astype(np.int64) + 1
-    raise ValueError("the prediction has no panoptic, instance or semantic part to draw")
 
 
 def _absolute_local_uri(uri: str, cwd: str | Path | None = None) -> str:

@@ -1,13 +1,18 @@
 """Training checkpoints: one folder, written atomically, read back with ``torch.load(weights_only=True)``.
 
-A checkpoint folder holds ``state.pt`` (model, optimizer, scheduler and grad-scaler state dicts, epoch,
-global step and every worker's RNG states of Python, NumPy and torch as plain ints, floats and tensors,
-so ``torch.load(weights_only=True)`` reads all of it and nothing is unpickled), ``experiment.json``
-(the resolved experiment it was trained with, secrets masked: resuming reads the experiment from the
-YAML, never from here) and ``metadata.json`` (its epoch, step and ranking metric, readable without
-torch). Writing goes to a temporary sibling folder
-whose files are fsynced before it is renamed into place (and the parent folder fsynced after), so a
-crash or power loss mid-write never leaves a half checkpoint under the checkpoint's name.
+A checkpoint folder holds
+
+- ``model/``: a complete model bundle (weights, model config, category table, test transforms: what
+  ``knet predict --model`` reads), so registering a checkpoint copies files and needs neither the
+  dataset nor the optimizer state;
+- ``state.pt``: what resuming needs beyond the weights: optimizer, scheduler and grad-scaler state
+  dicts, epoch, global step and every worker's RNG states of Python, NumPy and torch as plain ints,
+  floats and tensors, so ``torch.load(weights_only=True)`` reads all of it and nothing is unpickled;
+- ``metadata.json``: its epoch, step and ranking metric, readable without torch.
+
+Writing goes to a temporary sibling folder whose files are fsynced before it is renamed into place (and
+the parent folder fsynced after), so a crash or power loss mid-write never leaves a half checkpoint
+under the checkpoint's name.
 """
 
 from __future__ import annotations
@@ -20,43 +25,48 @@ import random
 import shutil
 import tempfile
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from knet_platform.redaction import redact
+from knet_platform.errors import KnetUserError
 
 STATE_FILE = "state.pt"
-EXPERIMENT_FILE = "experiment.json"
 METADATA_FILE = "metadata.json"
+MODEL_DIR = "model"
+WEIGHTS_FILE = "weights.pt"  # inside MODEL_DIR, as the model bundle names it
 
 
 RngState = dict[str, Any]  # what capture_rng_state returns: ints, floats, None and tensors only
 
 
-class CorruptCheckpointError(ValueError):
+class CorruptCheckpointError(KnetUserError, ValueError):
     """A checkpoint's ``state.pt`` is truncated or damaged (not written by a completed save)."""
+
+
+class CheckpointNotFoundError(KnetUserError, FileNotFoundError):
+    """A folder given as a checkpoint is not a complete knet training checkpoint."""
 
 
 @dataclass
 class TrainingState:
-    """Everything a resumed run needs to continue bit-for-bit where it stopped.
+    """Everything a resumed run needs, besides the model weights, to continue bit-for-bit where it
+    stopped.
 
     epoch: the number of epochs completed (training resumes at this epoch index).
     global_step: optimizer steps taken so far (drives the warmup schedule).
     rng: one :func:`capture_rng_state` per worker, indexed by world rank.
     """
 
-    model: dict[str, torch.Tensor]
     optimizer: dict[str, Any]
     scheduler: dict[str, Any]
     scaler: dict[str, Any] | None
     epoch: int
     global_step: int
     rng: list[RngState]
-    experiment: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -150,9 +160,14 @@ def rng_state_for_rank(states: list[RngState] | Any, rank: int, world_size: int)
 
 
 def save_checkpoint(
-    directory: str | Path, state: TrainingState, *, score: CheckpointScore | None = None
+    directory: str | Path,
+    state: TrainingState,
+    *,
+    write_model: Callable[[Path], None],
+    score: CheckpointScore | None = None,
 ) -> Path:
-    """Write ``state`` (and its ``score``, into ``metadata.json``) to ``directory`` atomically.
+    """Write a checkpoint to ``directory`` atomically: ``write_model(folder)`` writes the model bundle
+    into ``model/``, ``state`` goes to ``state.pt`` and its ``score`` into ``metadata.json``.
 
     Every file is written and fsynced in a temporary sibling folder, which is then renamed to
     ``directory``. An existing folder of the same name is replaced only after the new one is complete
@@ -163,32 +178,16 @@ def save_checkpoint(
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     try:
-        payload = {
-            "model": state.model,
-            "optimizer": state.optimizer,
-            "scheduler": state.scheduler,
-            "scaler": state.scaler,
-            "epoch": state.epoch,
-            "global_step": state.global_step,
-            "rng": state.rng,
-        }
+        write_model(staging / MODEL_DIR)
+        _fsync_tree(staging / MODEL_DIR)
         with open(staging / STATE_FILE, "wb") as file:
-            torch.save(payload, file)
+            torch.save(dataclasses.asdict(state), file)
             file.flush()
             os.fsync(file.fileno())
-        experiment = json.dumps(redact(state.experiment), indent=2, sort_keys=True)  # secrets masked
-        _write_synced(staging / EXPERIMENT_FILE, experiment)
         metadata = CheckpointMetadata(epoch=state.epoch, global_step=state.global_step, score=score)
         _write_synced(staging / METADATA_FILE, json.dumps(_metadata_to_dict(metadata), indent=2))
         _fsync_directory(staging)
-        if directory.exists():
-            retired = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-            os.replace(directory, retired)
-            os.replace(staging, directory)
-            shutil.rmtree(retired)
-        else:
-            os.replace(staging, directory)
-        _fsync_directory(directory.parent)
+        _replace_directory(staging, directory)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -196,42 +195,53 @@ def save_checkpoint(
 
 
 def load_checkpoint(directory: str | Path, map_location: str | torch.device = "cpu") -> TrainingState:
-    """Read a folder written by :func:`save_checkpoint`; weights only, no code runs on load.
+    """The training state of a folder written by :func:`save_checkpoint`; weights only, no code runs.
 
-    Raises FileNotFoundError when ``state.pt`` or ``experiment.json`` is missing and
-    :class:`CorruptCheckpointError` when ``state.pt`` is truncated (e.g. a copy into storage cut short by
-    a crash), rather than loading part of a state.
+    Raises CheckpointNotFoundError when the folder is not a complete checkpoint and
+    :class:`CorruptCheckpointError` when ``state.pt`` is truncated (e.g. a copy into storage cut short
+    by a crash), rather than loading part of a state.
     """
-    directory = Path(directory)
-    state_path = directory / STATE_FILE
-    if not state_path.is_file():
-        raise FileNotFoundError(
-            f"{directory} is not a knet training checkpoint: {STATE_FILE} is missing. "
-            "Pass the folder of a checkpoint written by `knet run` (it holds state.pt and experiment.json)."
-        )
-    if not zipfile.is_zipfile(state_path):  # torch.save's format; a cut-short file lacks the zip's end record
-        raise CorruptCheckpointError(
-            f"{state_path} is truncated or damaged (not a complete torch zip archive): it was not "
-            "written by a completed save. Resume from another checkpoint folder."
-        )
-    experiment_path = directory / EXPERIMENT_FILE
-    if not experiment_path.is_file():
-        raise FileNotFoundError(
-            f"{directory} is not a complete knet training checkpoint: {EXPERIMENT_FILE} is missing beside "
-            f"{STATE_FILE}. Pass a folder written by `knet run` (state.pt, experiment.json, metadata.json)."
-        )
-    payload = torch.load(state_path, map_location=map_location, weights_only=True)
-    experiment = json.loads(experiment_path.read_text())
+    payload = _load_tensors(require_checkpoint(directory) / STATE_FILE, map_location)
     return TrainingState(
-        model=payload["model"],
         optimizer=payload["optimizer"],
         scheduler=payload["scheduler"],
         scaler=payload["scaler"],
         epoch=int(payload["epoch"]),
         global_step=int(payload["global_step"]),
         rng=payload["rng"],
-        experiment=experiment,
     )
+
+
+def load_model_weights(directory: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """The model's state dict from a checkpoint folder (its ``model/`` bundle), weights only."""
+    return _load_tensors(model_dir(require_checkpoint(directory)) / WEIGHTS_FILE, map_location)
+
+
+def model_dir(directory: str | Path) -> Path:
+    """The model bundle inside a checkpoint folder (what registering a checkpoint logs)."""
+    return Path(directory) / MODEL_DIR
+
+
+def require_checkpoint(directory: str | Path) -> Path:
+    """``directory`` if it holds a complete checkpoint (``state.pt`` and the model bundle's weights),
+    else a CheckpointNotFoundError naming the folder and what is missing."""
+    directory = Path(directory)
+    for needed in (STATE_FILE, f"{MODEL_DIR}/{WEIGHTS_FILE}"):
+        if not (directory / needed).is_file():
+            raise CheckpointNotFoundError(
+                f"{directory} is not a knet training checkpoint: {needed} is missing. Pass the folder of "
+                f"a checkpoint written by `knet run` (it holds {MODEL_DIR}/, {STATE_FILE} and {METADATA_FILE})."
+            )
+    return directory
+
+
+def _load_tensors(path: Path, map_location: str | torch.device) -> Any:
+    if not zipfile.is_zipfile(path):  # torch.save's format; a cut-short file lacks the zip's end record
+        raise CorruptCheckpointError(
+            f"{path} is truncated or damaged (not a complete torch zip archive): it was not "
+            "written by a completed save. Resume from another checkpoint folder."
+        )
+    return torch.load(path, map_location=map_location, weights_only=True)
 
 
 def read_checkpoint_metadata(directory: str | Path) -> CheckpointMetadata:
@@ -265,6 +275,31 @@ def _write_synced(path: Path, text: str) -> None:
         file.write(text)
         file.flush()
         os.fsync(file.fileno())
+
+
+def _replace_directory(staging: Path, directory: Path) -> None:
+    if directory.exists():
+        retired = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+        os.replace(directory, retired)
+        os.replace(staging, directory)
+        shutil.rmtree(retired)
+    else:
+        os.replace(staging, directory)
+    _fsync_directory(directory.parent)
+
+
+def _fsync_tree(folder: Path) -> None:
+    """fsync every file below ``folder`` and the folders themselves (the bundle writer does not)."""
+    for path in sorted(folder.rglob("*"), reverse=True):
+        if path.is_file():
+            descriptor = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(descriptor)
+            finally:
+                os.close(descriptor)
+        else:
+            _fsync_directory(path)
+    _fsync_directory(folder)
 
 
 def _fsync_directory(directory: Path) -> None:

@@ -2,44 +2,37 @@
 
 Order matters: validate, check the tracking store and its MLflow experiment, the model's pinned
 requirements and the data (all cheap, before Ray starts), start or connect Ray, check that the cluster
-can place the workers, create (or re-open) the MLflow run, fit the Train run, then turn its best
-checkpoint into a model bundle, log it as the run's pyfunc model, register it and move the alias if it
-wins. What is printed and logged has its secrets masked (``knet_platform.redaction``).
+can place the workers, open (or re-open) the MLflow run (``tracking.lifecycle.tracked_run``, shared
+with searches), fit the Train run, then register the model bundle its best checkpoint carries
+(``register_checkpoint``) and move the alias if it wins. What is printed and logged has its secrets masked (``knet_platform.redaction``).
 """
 
 from __future__ import annotations
 
 import math
 import tempfile
-import time
-import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import mlflow
 from knet_platform.errors import RunFailedError
-from knet_platform.knet_adapter import build_datasets, prepare_data, write_bundle
+from knet_platform.experiment.schema import Experiment
 from knet_platform.ray_runtime import check_capacity, start_ray, stop_ray
 from knet_platform.redaction import redact_text
-from knet_platform.tracking.registry import RegisteredModel, log_and_register, pinned_requirements
-from knet_platform.tracking.resume_record import latest_record, write_record
+from knet_platform.tracking.lifecycle import TrackedRun, register_checkpoint, tracked_run
+from knet_platform.tracking.registry import RegisteredModel, pinned_requirements
+from knet_platform.tracking.resume_record import latest_record
 from knet_platform.tracking.runs import (
     RunLogger,
     TrackingTarget,
     check_tracking_reachable,
-    create_run,
-    end_run,
     ensure_experiment,
-    log_experiment,
-    reopen_run,
     resolve_tracking,
 )
-from knet_platform.train.checkpoints import load_checkpoint
+from knet_platform.train.checkpoints import require_checkpoint
+from knet_platform.train.datasets import prepare_data
 from knet_platform.train.trainer import build_trainer, validate_for_training
-
-if TYPE_CHECKING:
-    from knet_platform.experiment.schema import Experiment
 
 
 @dataclass
@@ -60,7 +53,6 @@ class RunSummary:
     ray_run_name: str
     registered: RegisteredModel
     tracking_uri: str = ""
-    extras: dict[str, Any] = field(default_factory=dict)
 
     def render(self) -> str:
         shown = {
@@ -102,35 +94,17 @@ def run_experiment(
     runtime = start_ray(num_cpus=None)
     try:
         check_capacity(experiment.scaling, runtime)
-        if record is not None:
-            run_name, run_id = record["ray_run_name"], record["mlflow_run_id"]
-            reopen_run(target.tracking_uri, run_id)
-            print(f"resuming Ray run {run_name} (MLflow run {run_id})")
-        else:
-            # unique per run: Ray Train resumes any earlier run with the same name and storage path
-            run_name = f"{experiment.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-            run_id = create_run(target, run_name, tags={"knet.ray_run_name": run_name})
-            write_record(target, experiment.name, "run", {"ray_run_name": run_name, "mlflow_run_id": run_id})
-        try:
-            log_experiment(target.tracking_uri, run_id, experiment)
-            summary = _fit_and_register(experiment, target, run_name, run_id, from_checkpoint)
-        except KeyboardInterrupt:
-            end_run(target.tracking_uri, run_id, "KILLED")
-            raise
-        except BaseException:
-            end_run(target.tracking_uri, run_id, "FAILED")
-            raise
-        end_run(target.tracking_uri, run_id, "FINISHED")
+        with tracked_run(experiment, target, "run", record=record) as run:
+            summary = _fit_and_register(experiment, run, from_checkpoint)
     finally:
         stop_ray(runtime)
     print(summary.render())
     return summary
 
 
-def _fit_and_register(
-    experiment: Experiment, target: TrackingTarget, run_name: str, run_id: str, from_checkpoint: str | None
-) -> RunSummary:
-    logger = RunLogger(target.tracking_uri, run_id)
+def _fit_and_register(experiment: Experiment, run: TrackedRun, from_checkpoint: str | None) -> RunSummary:
+    target = run.target
+    logger = RunLogger(target.tracking_uri, run.run_id)
     with tempfile.TemporaryDirectory(prefix="knet-run-") as scratch:
         init_weights = None
         if from_checkpoint is not None:
@@ -138,41 +112,28 @@ def _fit_and_register(
             logger.set_tag("knet.init_weights_from", from_checkpoint)  # masked by set_tag
         trainer = build_trainer(
             experiment,
-            run_name=run_name,
+            run_name=run.name,
             storage_path=target.storage_path,
-            mlflow_run_id=run_id,
+            mlflow_run_id=run.run_id,
             tracking_uri=target.tracking_uri,
             init_weights_from=init_weights,
         )
         result = trainer.fit()
-        metric, mode = experiment.train.metric, experiment.train.mode
-        checkpoint, metrics = _best(result.best_checkpoints or [], metric, mode)
-        logger.tag_checkpoint(
-            "best", checkpoint.path, epoch=int(metrics["epoch"]), metric=metric, value=float(metrics[metric])
-        )
+    metric, mode = experiment.train.metric, experiment.train.mode
+    checkpoint, metrics = _best(result.best_checkpoints or [], metric, mode)
+    value = float(metrics[metric])
+    logger.tag_checkpoint("best", checkpoint.path, epoch=int(metrics["epoch"]), metric=metric, value=value)
+    if target.log_checkpoints == "best":
         with checkpoint.as_directory() as folder:
-            state = load_checkpoint(folder)
-            if target.log_checkpoints == "best":
-                logger.log_checkpoint(folder, "best")
-        categories = build_datasets(experiment).categories
-        bundle = write_bundle(Path(scratch) / "bundle", experiment, categories, state.model)
-        registered = log_and_register(
-            bundle,
-            tracking_uri=target.tracking_uri,
-            run_id=run_id,
-            registered_model=target.registered_model,
-            alias=target.alias,
-            metric=metric,
-            metric_value=float(metrics[metric]),
-            mode=mode,
-        )
+            logger.log_checkpoint(folder, "best")
+    registered = register_checkpoint(target, run.run_id, checkpoint.path, metric=metric, value=value, mode=mode)
     return RunSummary(
         metrics={k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
-        run_id=run_id,
+        run_id=run.run_id,
         model_uri=registered.alias_uri,
         mlflow_ui_command=target.ui_command(),
         best_checkpoint=redact_text(checkpoint.path),
-        ray_run_name=run_name,
+        ray_run_name=run.name,
         registered=registered,
         tracking_uri=redact_text(target.tracking_uri),
     )
@@ -199,5 +160,5 @@ def _local_checkpoint(source: str, target: TrackingTarget, scratch: Path) -> str
         )
     else:
         local = str(Path(source).expanduser().resolve())
-    load_checkpoint(local)  # fails now, naming the folder, if it is not a training checkpoint
+    require_checkpoint(local)  # fails now, naming the folder, if it is not a training checkpoint
     return local

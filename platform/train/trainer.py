@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from knet_platform.experiment.building import ExperimentError
 from knet_platform.train.worker import LoopConfig, train_fn_per_worker
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
@@ -51,7 +52,7 @@ def build_trainer(
         uri = tracking_uri or resolve_tracking(experiment).tracking_uri
         mlflow = {"tracking_uri": uri, "run_id": mlflow_run_id}
     loop = LoopConfig(
-        experiment=experiment.to_dict(),
+        experiment=experiment.without_tune(),  # a trial's values are applied; workers need no search
         mlflow=mlflow,
         resume_from=resume_from,
         init_weights_from=init_weights_from,
@@ -84,12 +85,12 @@ def validate_for_training(experiment: Experiment) -> None:
     """Combinations the schema allows but a training run cannot honour; checked before Ray starts."""
     train = experiment.train
     if train.metric.startswith("val/") and experiment.data.val is None:
-        raise ValueError(
+        raise ExperimentError(
             f"train.metric={train.metric!r} needs a validation set, but data.val is not set. "
             "Add data.val or choose a train/ metric (e.g. --set train.metric=train/loss train.mode=min)."
         )
     if train.checkpoint_interval % train.eval_interval != 0:
-        raise ValueError(
+        raise ExperimentError(
             f"train.checkpoint_interval={train.checkpoint_interval} is not a multiple of "
             f"train.eval_interval={train.eval_interval}: every checkpoint is ranked by {train.metric!r}, "
             "so checkpoints must fall on evaluated epochs. Make checkpoint_interval a multiple of eval_interval."
@@ -98,7 +99,7 @@ def validate_for_training(experiment: Experiment) -> None:
         import torch
 
         if not torch.cuda.is_available() and _is_local_ray():
-            raise ValueError(
+            raise ExperimentError(
                 "scaling.use_gpu is true but this machine has no CUDA device and no Ray cluster is "
                 "configured (RAY_ADDRESS). Use --set scaling.use_gpu=false, or run on a GPU cluster."
             )

@@ -18,19 +18,17 @@ from __future__ import annotations
 
 import json
 import math
-import tempfile
-import time
-import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from knet_platform.errors import RunFailedError
-from knet_platform.knet_adapter import build_datasets, prepare_data, write_bundle
+from knet_platform.experiment.schema import Experiment
 from knet_platform.ray_runtime import start_ray, stop_ray
 from knet_platform.redaction import redact, redact_text
-from knet_platform.tracking.registry import RegisteredModel, log_and_register
-from knet_platform.tracking.resume_record import NothingToResumeError, latest_record, write_record
+from knet_platform.tracking.lifecycle import TrackedRun, register_checkpoint, tracked_run
+from knet_platform.tracking.registry import RegisteredModel
+from knet_platform.tracking.resume_record import NothingToResumeError, latest_record
 from knet_platform.tracking.runs import (
     TrackingTarget,
     check_tracking_reachable,
@@ -40,7 +38,8 @@ from knet_platform.tracking.runs import (
     reopen_run,
     resolve_tracking,
 )
-from knet_platform.train.checkpoints import load_checkpoint
+from knet_platform.train.datasets import prepare_data
+from knet_platform.train.trainer import build_trainer
 from knet_platform.tune.space import (
     MaskedSpace,
     SearchSpaceError,
@@ -60,9 +59,6 @@ from knet_platform.tune.validation import (
 )
 from mlflow.tracking import MlflowClient
 from ray.tune import Callback
-
-if TYPE_CHECKING:
-    from knet_platform.experiment.schema import Experiment
 
 TRIAL_TAG, SEARCH_TAG = "knet.trial_id", "knet.search"
 
@@ -94,7 +90,6 @@ class SearchSummary:
     results_path: str
     mlflow_ui_command: str
     registered: RegisteredModel | None
-    extras: dict[str, Any] = field(default_factory=dict)
 
     @property
     def model_uri(self) -> str | None:
@@ -136,14 +131,12 @@ def run_search(experiment: Experiment, *, resume: bool = False) -> SearchSummary
     results, unfinished ones continue from their latest checkpoint.
     """
     import ray
-    from ray import tune
 
     settings = experiment.tune
     if settings is None:
         raise SearchSpaceError(
             "the experiment has no tune section; run it with knet run as a single training run"
         )
-    metric, mode = metric_and_mode(experiment)
     validate_search(experiment)
     space = space_of(experiment)
     masked = mask_space(space)  # what Tune sees, prints and stores
@@ -169,79 +162,62 @@ def run_search(experiment: Experiment, *, resume: bool = False) -> SearchSummary
             local=runtime.local,
         )
         concurrency = budget.max_concurrent
-        if record is not None:
-            search_name, parent_run_id = record["search_name"], record["mlflow_run_id"]
-            reopen_run(target.tracking_uri, parent_run_id)
-            print(f"resuming search {search_name} (MLflow run {parent_run_id})")
-            # Tuner.restore brings back the TuneConfig of the first start; it cannot be changed
+        if record is not None:  # Tuner.restore brings back the first start's TuneConfig, unchangeable
             concurrency = record.get("max_concurrent_trials")
             if concurrency != budget.max_concurrent:
                 print(
                     f"note: Tune keeps this search's max_concurrent_trials={concurrency or 'unknown'} from "
                     f"its first start; the cluster now fits {budget.max_concurrent} trials at once"
                 )
-        else:
-            search_name, parent_run_id = _start_search(experiment, target, budget.max_concurrent)
-        print(
-            f"search {search_name}: {num_trials(space, settings.num_samples)} trials, up to "
-            f"{concurrency or '?'} at once, each holding {_fmt(budget.per_trial)}"
-        )
-        if budget.pending is not None:
-            print(budget.pending, flush=True)
-        trainable = tune.with_resources(
-            tune.with_parameters(
-                _run_trial,
-                base=experiment.to_dict(),
-                masked=masked,
-                tracking=asdict(target),
-                parent_run_id=parent_run_id,
-                search_name=search_name,
-            ),
-            budget.driver,
-        )
-        results_path = f"{target.storage_path.rstrip('/')}/{search_name}"
-        try:
-            tuner = _tuner(experiment, trainable, masked, budget, search_name, target, parent_run_id, resume)
-            grid = tuner.fit()
-            summary = _summarise(experiment, grid, masked, target, parent_run_id, results_path)
-        except KeyboardInterrupt:
-            end_run(target.tracking_uri, parent_run_id, "KILLED")
-            raise
-        except BaseException:
-            end_run(target.tracking_uri, parent_run_id, "FAILED")
-            raise
-        end_run(target.tracking_uri, parent_run_id, "FINISHED" if summary.best is not None else "FAILED")
+        extras = {"max_concurrent_trials": budget.max_concurrent}  # what Tune restores on --resume
+        with tracked_run(experiment, target, "search", record=record, record_extras=extras) as run:
+            print(
+                f"search {run.name}: {num_trials(space, settings.num_samples)} trials, up to "
+                f"{concurrency or '?'} at once, each holding {_fmt(budget.per_trial)}"
+            )
+            if budget.pending is not None:
+                print(budget.pending, flush=True)
+            summary = _search(experiment, run, masked, budget, resume)
+            run.status = "FINISHED" if summary.best is not None else "FAILED"
     finally:
         stop_ray(runtime)
     print(summary.render())
     if summary.best is None:
         raise RunFailedError(
-            f"every trial of search {search_name} failed; their errors are in the table above and in "
+            f"every trial of search {run.name} failed; their errors are in the table above and in "
             f"each trial's MLflow run (tag knet.error)"
         )
     return summary
 
 
-def _start_search(experiment: Experiment, target: TrackingTarget, max_concurrent: int) -> tuple[str, str]:
-    """A new search: its name, its MLflow parent run (params and the resolved YAML, secrets masked) and
-    the record ``--resume`` reads; returns (search name, parent run id)."""
-    search_name = f"{experiment.name}-search-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    parent_run_id = create_run(target, search_name, tags={SEARCH_TAG: search_name})
-    write_record(
-        target,
-        experiment.name,
-        "search",
-        # max_concurrent_trials: what Tune restores on --resume (its TuneConfig cannot change)
-        {"search_name": search_name, "mlflow_run_id": parent_run_id, "max_concurrent_trials": max_concurrent},
+def _search(
+    experiment: Experiment, run: TrackedRun, masked: MaskedSpace, budget: TrialBudget, resume: bool
+) -> SearchSummary:
+    """Fit (or restore and continue) the Tune search tracked by ``run``; summarise and register."""
+    from ray import tune
+
+    target = run.target
+    trainable = tune.with_resources(
+        tune.with_parameters(
+            _run_trial,
+            base=experiment.without_tune(),
+            masked=masked,
+            tracking=asdict(target),
+            parent_run_id=run.run_id,
+            search_name=run.name,
+        ),
+        budget.driver,
     )
-    log_experiment(target.tracking_uri, parent_run_id, experiment)
-    return search_name, parent_run_id
+    tuner = _tuner(experiment, trainable, masked, budget, run.name, target, run.run_id, resume)
+    grid = tuner.fit()
+    results_path = f"{target.storage_path.rstrip('/')}/{run.name}"
+    return _summarise(experiment, grid, masked, target, run.run_id, results_path)
 
 
 def _run_trial(
     config: dict[str, Any],
     *,
-    base: dict[str, Any],
+    base: Experiment,
     masked: MaskedSpace,
     tracking: dict[str, Any],
     parent_run_id: str,
@@ -250,12 +226,10 @@ def _run_trial(
     """One trial (runs in its own Tune actor): the base experiment with this trial's values (``config``
     holds Tune's placeholders; ``masked`` gives the real values back), trained as a Ray Train run whose
     rank 0 logs into the trial's MLflow child run."""
-    from knet_platform.experiment.schema import Experiment
-    from knet_platform.train.trainer import build_trainer
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    experiment = Experiment.from_dict(base).with_overrides(masked.reveal(config))
+    experiment = base.with_overrides(masked.reveal(config))
     target = TrackingTarget(**tracking)
     context = tune.get_context()
     trial_id = context.get_trial_id()
@@ -433,7 +407,9 @@ def _summarise(
     _log_results(target, parent_run_id, trials, best, metric)
     registered = None
     if best is not None:
-        registered = _register_best(experiment, best, masked, target, parent_run_id)
+        registered = register_checkpoint(
+            target, best.mlflow_run_id or parent_run_id, best.checkpoint, metric=metric, value=best.metric, mode=mode
+        )
     return SearchSummary(
         metric=metric,
         mode=mode,
@@ -466,34 +442,6 @@ def _log_results(
         client.set_tag(parent_run_id, "knet.best_trial", best.trial_id)
         client.set_tag(parent_run_id, "knet.best_trial_run_id", str(best.mlflow_run_id))
         client.log_metric(parent_run_id, f"best/{metric}", best.metric)
-
-
-def _register_best(
-    experiment: Experiment,
-    best: TrialRecord,
-    masked: MaskedSpace,
-    target: TrackingTarget,
-    parent_run_id: str,
-) -> RegisteredModel:
-    from ray.train import Checkpoint
-
-    metric, mode = metric_and_mode(experiment)
-    trial_experiment = experiment.with_overrides(masked.reveal(best.overrides))
-    with tempfile.TemporaryDirectory(prefix="knet-search-") as scratch:
-        with Checkpoint(best.checkpoint).as_directory() as folder:
-            state = load_checkpoint(folder)
-        categories = build_datasets(trial_experiment).categories
-        bundle = write_bundle(Path(scratch) / "bundle", trial_experiment, categories, state.model)
-        return log_and_register(
-            bundle,
-            tracking_uri=target.tracking_uri,
-            run_id=best.mlflow_run_id or parent_run_id,
-            registered_model=target.registered_model,
-            alias=target.alias,
-            metric=metric,
-            metric_value=best.metric,
-            mode=mode,
-        )
 
 
 def _best_reported(result: Any, metric: str, mode: str) -> tuple[float, str | None]:

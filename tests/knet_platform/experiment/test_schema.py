@@ -314,3 +314,73 @@ def test_shipped_experiments_load_and_validate(name, tmp_path, monkeypatch):
         0.5,
     )
     assert (transforms.test_short_side, transforms.test_max_size) == paper["test"]
+
+
+# ---- the model section ------------------------------------------------------------------------------
+
+
+def test_the_model_section_is_built_once_with_the_experiment_and_filled_with_the_datas_class_counts(
+    tmp_path: Path,
+) -> None:
+    from knet.data import Category, CategoryTable
+
+    experiment = Experiment.from_dict(
+        {
+            "name": "x",
+            "task": "instance",
+            "model": {"num_proposals": 30},
+            "data": _synthetic_data(tmp_path),
+            **_BY_LOSS,
+        },
+    )
+    built = experiment.model.config
+    assert built is not None and built.num_proposals == 30
+    assert experiment.model_config() is built  # not rebuilt on every use
+    table = CategoryTable([Category(1, "a", True), Category(2, "b", True), Category(3, "c", True)])
+    filled = experiment.model_config(table)
+    assert (filled.num_thing_classes, filled.num_stuff_classes, filled.num_proposals) == (3, 0, 30)
+    assert Experiment.from_dict(experiment.to_dict()) == experiment  # the section round-trips as written
+    assert experiment.to_dict()["model"] == {"num_proposals": 30}
+
+
+def test_a_class_count_written_in_the_yaml_must_match_the_dataset(tmp_path: Path) -> None:
+    from knet.data import Category, CategoryTable
+
+    experiment = Experiment.from_dict(
+        {
+            "name": "x",
+            "task": "instance",
+            "model": {"num_thing_classes": 5},
+            "data": _synthetic_data(tmp_path),
+            **_BY_LOSS,
+        },
+    )
+    with pytest.raises(ExperimentError, match="model.num_thing_classes=5 but the dataset has 1"):
+        experiment.model_config(CategoryTable([Category(1, "a", True)]))
+
+
+def test_a_trials_experiment_reaches_the_workers_without_its_tune_section(tmp_path: Path) -> None:
+    experiment = Experiment.from_dict(
+        {
+            "name": "x",
+            "task": "instance",
+            "data": _synthetic_data(tmp_path),
+            **_BY_LOSS,
+            "tune": {"space": {"train.lr": {"choice": [1e-4, 2e-4]}}},
+        }  # fmt: skip
+    )
+    alone = experiment.without_tune()
+    assert alone.tune is None and experiment.tune is not None
+    assert alone.model.config is experiment.model.config
+
+
+_BY_LOSS = {"train": {"metric": "train/loss", "mode": "min"}}  # no val split needed
+
+
+def _synthetic_data(tmp_path: Path) -> dict:
+    cache = tmp_path / "syn"
+    return {
+        "synthetic": {"cache_dir": str(cache)},
+        "train": {"format": "coco_instance", "images": f"{cache}/images/train",
+                  "annotations": f"{cache}/annotations/instances_train.json"},
+    }  # fmt: skip

@@ -11,8 +11,10 @@ import pytest
 import torch
 from knet_platform.cli import main
 from knet_platform.experiment.schema import Experiment, load_experiment
-from knet_platform.knet_adapter import build_datasets, build_knet, write_bundle
-from knet_platform.serve.predict import evaluate_bundle, load_model, predict_paths
+from knet_platform.knet_adapter import reduces_zero_label, write_bundle
+from knet_platform.serve.evaluate import evaluate_bundle
+from knet_platform.serve.predict import load_model, predict_paths
+from knet_platform.train.datasets import build_datasets
 from PIL import Image
 
 from knet import KNetConfig, build_model
@@ -71,7 +73,8 @@ def test_panoptic_predict_writes_pngs_json_and_overlays(tmp_path):
     for image in images:
         size = Image.open(image).size
         assert Image.open(out / "panoptic" / f"{image.stem}.png").size == size
-        assert Image.open(out / "overlays" / f"{image.stem}.png").size == size
+        width, height = Image.open(out / "overlays" / f"{image.stem}.png").size
+        assert width > size[0] and height >= size[1]  # the image, with its legend strip to the right
 
 
 def test_instance_and_semantic_parts_write_their_formats(tmp_path):
@@ -139,8 +142,12 @@ def test_a_bundle_trained_from_packed_ade20k_style_shards_writes_the_source_labe
         {"data.train": {"format": "parquet", "shards": str(tmp_path / "shards")}}
     )
     datasets = build_datasets(packed)
-    model, _ = build_knet(packed, datasets.categories)
-    write_bundle(tmp_path / "bundle", packed, datasets.categories, model.state_dict())
+    config = packed.model_config(datasets.categories)
+    reduce = reduces_zero_label(packed.data.train)  # read from the shards' manifest
+    write_bundle(
+        tmp_path / "bundle", build_model(config), config, datasets.categories, packed.data.transforms,
+        reduce_zero_label=reduce,
+    )  # fmt: skip
     assert load_model(tmp_path / "bundle").reduce_zero_label is True
 
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from knet_platform.knet_adapter import build_datasets
 from knet_platform.redaction import redact
+from knet_platform.train.datasets import build_datasets
 from mlflow.tracking import MlflowClient
 
 from tests.knet_platform.tiny_run import QUICKSTART, load_tiny, start_local_ray, tiny_overrides

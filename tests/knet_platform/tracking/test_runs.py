@@ -12,10 +12,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-import numpy as np
 import pytest
 import ray
-import torch
 from knet_platform.tracking.runs import (
     NONFINITE_TAG,
     ArtifactLocationMismatchError,
@@ -24,11 +22,9 @@ from knet_platform.tracking.runs import (
     create_run,
     ensure_experiment,
     log_experiment,
-    overlay,
     resolve_tracking,
 )
 
-from knet.structures import PanopticPrediction, Prediction
 from tests.knet_platform.tiny_run import free_port, load_tiny
 
 SECRETS = ("hunter2", "abc123", "k-42")
@@ -192,24 +188,6 @@ def test_resumed_run_keeps_first_param_values_and_tags_the_changed_ones(tmp_path
     assert run.data.tags["resume.changed.train.epochs"] == "2"
 
 
-def test_overlay_colours_segment_pixels_and_leaves_void_pixels_untouched() -> None:
-    image = np.full((4, 6, 3), 100, dtype=np.uint8)
-    segment_map = torch.zeros(4, 6, dtype=torch.int64)
-    segment_map[:2, :3] = 1
-    segment_map[2:, 3:] = 2
-    prediction = Prediction(
-        image_size=(4, 6),
-        panoptic=PanopticPrediction(
-            segment_map, torch.tensor([0, 1]), torch.tensor([0.9, 0.8]), torch.tensor([True, False])
-        ),
-    )
-    painted = overlay(image, prediction)
-    void = (segment_map == 0).numpy()
-    assert np.array_equal(painted[void], image[void])
-    assert (painted[~void] != image[~void]).any(axis=-1).all()
-    assert not np.array_equal(painted[0, 0], painted[3, 5])  # two segments, two colours
-
-
 @pytest.fixture
 def mlflow_server(tmp_path: Path):
     port = free_port()
@@ -260,7 +238,7 @@ def test_run_tracked_by_a_real_mlflow_server_proxies_artifacts_registers_and_sto
 ) -> None:
     """The tracking URI carries credentials (the server ignores them): they are used to connect, and
     appear nowhere in the server's database and artifacts (params, tags, the logged YAML, the uploaded
-    checkpoint's experiment.json, system info, the model), in Ray's checkpoints or in what is printed."""
+    checkpoint, system info, the model), in Ray's checkpoints or in what is printed."""
     from knet_platform.train.driver import run_experiment
     from mlflow.tracking import MlflowClient
 
@@ -282,14 +260,8 @@ def test_run_tracked_by_a_real_mlflow_server_proxies_artifacts_registers_and_sto
     assert str(version.version) == summary.registered.version
 
     assert run.data.params["tracking.uri"] == plain_uri.replace("http://", "http://***@")
-    uploaded = json.loads(
-        Path(
-            client.download_artifacts(
-                summary.run_id, "checkpoints/best/experiment.json", str(tmp_path / "dl")
-            )
-        ).read_text()
-    )
-    assert uploaded["tracking"]["uri"] == run.data.params["tracking.uri"]
+    uploaded = client.download_artifacts(summary.run_id, "checkpoints/best/model", str(tmp_path / "dl"))
+    assert (Path(uploaded) / "weights.pt").is_file()  # the best checkpoint carries its model bundle
     system = json.loads(
         Path(client.download_artifacts(summary.run_id, "system_info.json", str(tmp_path / "dl"))).read_text()
     )

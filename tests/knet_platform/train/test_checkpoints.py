@@ -1,5 +1,6 @@
-"""Checkpoint folders: what their metadata records, that a cut-short write is never taken for one, that
-RNG states round-trip per worker without pickle, and that no secret is written into them."""
+"""Checkpoint folders: they round-trip the model and the training state, carry a model bundle that
+loads on its own, record their metadata in plain JSON, are never taken for one when a write was cut
+short or failed, hold no pickled objects, and round-trip every worker's RNG state."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import json
 import math
 import os
 import random
-import re
 import signal
 import subprocess
 import sys
@@ -18,15 +18,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from knet_platform.knet_adapter import load_bundle
 from knet_platform.train.checkpoints import (
-    EXPERIMENT_FILE,
     METADATA_FILE,
     STATE_FILE,
+    CheckpointNotFoundError,
     CheckpointScore,
     CorruptCheckpointError,
     TrainingState,
     capture_rng_state,
     load_checkpoint,
+    load_model_weights,
+    model_dir,
     read_checkpoint_metadata,
     restore_rng_state,
     rng_state_for_rank,
@@ -34,30 +37,66 @@ from knet_platform.train.checkpoints import (
 )
 from torch import nn
 
+from tests.knet_platform.serve.test_predict import tiny_bundle
+
 
 def _draws() -> tuple[float, float, float, torch.Tensor]:
     """The next numbers of every generator a worker uses (Python, Python's gauss, NumPy, torch)."""
     return random.random(), random.gauss(0, 1), float(np.random.rand()), torch.rand(3)
 
 
-def _state(epoch: int) -> TrainingState:
-    model = nn.Linear(4, 2)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+def _state(epoch: int, model: nn.Module | None = None) -> TrainingState:
+    optimizer = torch.optim.AdamW((model or nn.Linear(4, 2)).parameters(), lr=1e-3)
     return TrainingState(
-        model=model.state_dict(),
         optimizer=optimizer.state_dict(),
         scheduler={},
         scaler=None,
         epoch=epoch,
         global_step=epoch * 3,
         rng=[capture_rng_state()],
-        experiment={"name": "x"},
     )
+
+
+def _weights(model: nn.Module):  # noqa: ANN202 - a write_model callback
+    """A stand-in for the model bundle writer: the state dict under the bundle's weights name."""
+
+    def write(folder: Path) -> None:
+        folder.mkdir()
+        torch.save(model.state_dict(), folder / "weights.pt")
+
+    return write
+
+
+def _save(folder: Path, epoch: int, **kwargs: object) -> Path:
+    return save_checkpoint(folder, _state(epoch), write_model=_weights(nn.Linear(4, 2)), **kwargs)
+
+
+def test_a_checkpoint_round_trips_the_weights_and_the_training_state(tmp_path: Path) -> None:
+    model = nn.Linear(4, 2)
+    state = _state(epoch=2, model=model)
+    folder = save_checkpoint(tmp_path / "ckpt", state, write_model=_weights(model))
+    loaded = load_checkpoint(folder)
+    assert (loaded.epoch, loaded.global_step) == (2, 6)
+    assert loaded.optimizer["param_groups"][0]["lr"] == state.optimizer["param_groups"][0]["lr"]
+    weights = load_model_weights(folder)
+    assert weights.keys() == model.state_dict().keys()
+    for key, value in model.state_dict().items():
+        assert torch.equal(weights[key], value)
+
+
+def test_a_checkpoints_model_folder_is_a_bundle_that_loads_without_the_training_state(tmp_path: Path) -> None:
+    """Registering a checkpoint logs its model folder as it is: no dataset, no optimizer state."""
+    folder = save_checkpoint(tmp_path / "ckpt", _state(epoch=1), write_model=tiny_bundle)
+    (folder / STATE_FILE).unlink()  # the bundle does not need it
+    bundle = load_bundle(model_dir(folder))
+    assert bundle.categories.names and bundle.config.num_classes == len(bundle.categories.names)
+    (prediction,) = bundle.predict([np.zeros((40, 50, 3), dtype=np.uint8)])
+    assert getattr(prediction, bundle.config.task) is not None
 
 
 def test_metadata_records_the_epoch_step_and_the_ranking_metric_in_plain_json(tmp_path: Path) -> None:
     score = CheckpointScore.from_metrics("val/pq", "max", {"val/pq": 41.25, "train/loss": 2.0})
-    folder = save_checkpoint(tmp_path / "ckpt", _state(epoch=2), score=score)
+    folder = _save(tmp_path / "ckpt", 2, score=score)
 
     metadata = read_checkpoint_metadata(folder)
     assert (metadata.epoch, metadata.global_step) == (2, 6)
@@ -71,14 +110,14 @@ def test_a_metric_that_is_missing_or_not_finite_is_recorded_as_null(tmp_path: Pa
     assert CheckpointScore.from_metrics("val/pq", "max", {"train/loss": 1.0}).value is None
     score = CheckpointScore.from_metrics("val/pq", "max", {"val/pq": math.nan})
     assert score.value is None
-    folder = save_checkpoint(tmp_path / "ckpt", _state(epoch=1), score=score)
+    folder = _save(tmp_path / "ckpt", 1, score=score)
     assert json.loads((folder / METADATA_FILE).read_text())["score"]["value"] is None
     with pytest.raises(ValueError, match="cannot go into JSON"):
-        save_checkpoint(tmp_path / "other", _state(epoch=1), score=CheckpointScore("val/pq", "max", math.inf))
+        _save(tmp_path / "other", 1, score=CheckpointScore("val/pq", "max", math.inf))
 
 
 def test_a_truncated_state_file_is_refused_naming_the_file(tmp_path: Path) -> None:
-    folder = save_checkpoint(tmp_path / "ckpt", _state(epoch=1))
+    folder = _save(tmp_path / "ckpt", 1)
     state_path = folder / STATE_FILE
     state_path.write_bytes(state_path.read_bytes()[: state_path.stat().st_size // 2])
     with pytest.raises(CorruptCheckpointError, match=rf"{state_path} is truncated or damaged"):
@@ -98,17 +137,21 @@ _KILLED_WRITER = textwrap.dedent(
             Path(sys.argv[2]).write_text("inside torch.save")
             time.sleep(600)
 
+    def write_model(folder):
+        folder.mkdir()
+        torch.save({"weight": torch.ones(256, 256)}, folder / "weights.pt")
+
     save_checkpoint(sys.argv[1], TrainingState(
-        model={"weight": torch.ones(256, 256)}, optimizer={"blocks": BlocksWhilePickled()}, scheduler={},
-        scaler=None, epoch=2, global_step=6, rng=[capture_rng_state()], experiment={"name": "x"},
-    ))
+        optimizer={"blocks": BlocksWhilePickled()}, scheduler={}, scaler=None, epoch=2, global_step=6,
+        rng=[capture_rng_state()],
+    ), write_model=write_model)
     """
 )
 
 
 def test_a_writer_killed_mid_save_leaves_the_previous_checkpoint_whole_under_its_name(tmp_path: Path) -> None:
     target = tmp_path / "checkpoint_epoch_0001"
-    save_checkpoint(target, _state(epoch=1), score=CheckpointScore("val/pq", "max", 10.0))
+    _save(target, 1, score=CheckpointScore("val/pq", "max", 10.0))
     marker = tmp_path / "writing"
     writer = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, str(target), str(marker)])
     try:
@@ -130,7 +173,7 @@ def test_a_writer_killed_mid_save_leaves_the_previous_checkpoint_whole_under_its
     with pytest.raises(CorruptCheckpointError):
         load_checkpoint(leftover)
     # the next writer (the resumed run) replaces it cleanly
-    save_checkpoint(target, _state(epoch=2))
+    _save(target, 2)
     assert load_checkpoint(target).epoch == 2
 
 
@@ -146,7 +189,7 @@ def test_every_workers_rng_state_round_trips_through_a_checkpoint_file(tmp_path:
         expected.append(_draws())
     state = _state(epoch=1)
     state.rng = states
-    folder = save_checkpoint(tmp_path / "ckpt", state)
+    folder = save_checkpoint(tmp_path / "ckpt", state, write_model=_weights(nn.Linear(4, 2)))
 
     loaded = load_checkpoint(folder).rng
     for rank in range(2):
@@ -161,7 +204,7 @@ def test_every_workers_rng_state_round_trips_through_a_checkpoint_file(tmp_path:
 
 
 def test_a_state_file_holds_nothing_the_weights_only_loader_refuses(tmp_path: Path) -> None:
-    folder = save_checkpoint(tmp_path / "ckpt", _state(epoch=1))
+    folder = _save(tmp_path / "ckpt", 1)
     state_path = folder / STATE_FILE
     # every global referenced by the pickle inside state.pt is one weights_only allows: no Python
     # object (and so no pickled RNG state) is rebuilt on load
@@ -172,23 +215,28 @@ def test_a_state_file_holds_nothing_the_weights_only_loader_refuses(tmp_path: Pa
     assert isinstance(rng["numpy"]["pos"], int) and rng["numpy"]["keys"].shape == (624,)
 
 
-def test_a_folder_without_its_experiment_file_is_refused_naming_the_folder(tmp_path: Path) -> None:
-    folder = save_checkpoint(tmp_path / "ckpt", _state(epoch=1))
-    (folder / EXPERIMENT_FILE).unlink()
-    with pytest.raises(FileNotFoundError, match=rf"{folder} is not a complete knet training checkpoint"):
+def test_a_failed_write_keeps_the_previous_checkpoint_and_leaves_no_temp_folder(tmp_path: Path) -> None:
+    _save(tmp_path / "ckpt", 1)
+
+    def broken(folder: Path) -> None:
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(tmp_path / "ckpt", _state(epoch=2), write_model=broken)
+    assert load_checkpoint(tmp_path / "ckpt").epoch == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_loading_refuses_pickled_objects(tmp_path: Path) -> None:
+    folder = _save(tmp_path / "ckpt", 1)
+    torch.save({"optimizer": nn.Linear(2, 2)}, folder / STATE_FILE)  # a whole module, i.e. arbitrary code
+    with pytest.raises(Exception, match="Weights only load failed"):
         load_checkpoint(folder)
 
 
-def test_the_experiment_written_into_a_checkpoint_has_its_secrets_masked(tmp_path: Path) -> None:
-    state = _state(epoch=1)
-    state.experiment = {
-        "name": "x",
-        "tracking": {"uri": "https://alice:hunter2@mlflow.example.com/?token=abc123", "api_key": "k-42"},
-    }
-    folder = save_checkpoint(tmp_path / "ckpt", state)
-    written = (folder / EXPERIMENT_FILE).read_text()
-    assert not {"hunter2", "abc123", "k-42"} & set(re.findall(r"[\w-]+", written))
-    assert json.loads(written)["tracking"] == {
-        "uri": "https://***@mlflow.example.com/?token=***",
-        "api_key": "***",
-    }
+@pytest.mark.parametrize("missing", [STATE_FILE, "model/weights.pt"])
+def test_a_folder_missing_a_part_is_refused_naming_the_folder_and_the_part(tmp_path: Path, missing: str) -> None:
+    folder = _save(tmp_path / "ckpt", 1)
+    (folder / missing).unlink()
+    with pytest.raises(CheckpointNotFoundError, match=rf"{folder} is not a knet training checkpoint: {missing}"):
+        load_checkpoint(folder)

@@ -1,0 +1,97 @@
+"""One MLflow run lifecycle, shared by a single training run and a Tune search.
+
+:func:`tracked_run` opens the run (new, or re-opened for ``--resume`` from the experiment's resume
+record), logs the experiment, and ends the run with the status the block earned: FINISHED, FAILED on an
+error, KILLED on Ctrl-C. :func:`register_checkpoint` turns a training checkpoint into a registered
+model version: a checkpoint carries its model bundle (weights, model config, categories), so this
+needs neither the dataset nor the optimizer state.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from knet_platform.experiment.schema import Experiment
+from knet_platform.tracking.registry import RegisteredModel, log_and_register
+from knet_platform.tracking.resume_record import Kind, write_record
+from knet_platform.tracking.runs import TrackingTarget, create_run, end_run, log_experiment, reopen_run
+from knet_platform.train.checkpoints import model_dir, require_checkpoint
+from ray.train import Checkpoint
+
+# The resume record's key for the Ray run (or Tune search) name, and the tag naming it on the run.
+NAME_KEYS: dict[str, str] = {"run": "ray_run_name", "search": "search_name"}
+NAME_TAGS: dict[str, str] = {"run": "knet.ray_run_name", "search": "knet.search"}
+
+
+@dataclass
+class TrackedRun:
+    """An open MLflow run: ``name`` is the Ray Train run (or Tune search) it tracks, under
+    ``target.storage_path``. ``status`` is how it ends when its block finishes without an error (a
+    search with no successful trial sets FAILED)."""
+
+    target: TrackingTarget
+    name: str
+    run_id: str
+    resumed: bool
+    status: str = "FINISHED"
+
+
+@contextmanager
+def tracked_run(
+    experiment: Experiment,
+    target: TrackingTarget,
+    kind: Kind,
+    *,
+    record: dict[str, Any] | None = None,
+    record_extras: dict[str, Any] | None = None,
+) -> Iterator[TrackedRun]:
+    """Open the run of a ``kind`` ("run" or "search") of ``experiment`` for a block, end it after.
+
+    record: the resume record of the run to continue (``--resume``), else None for a new run, whose
+    record is written with ``record_extras`` (e.g. a search's ``max_concurrent_trials``).
+    """
+    if record is not None:
+        run = TrackedRun(target, record[NAME_KEYS[kind]], record["mlflow_run_id"], resumed=True)
+        reopen_run(target.tracking_uri, run.run_id)
+        what = "Ray run" if kind == "run" else "search"
+        print(f"resuming {what} {run.name} (MLflow run {run.run_id})")
+    else:
+        infix = "-search" if kind == "search" else ""
+        # unique: Ray Train resumes any earlier run with the same name and storage path
+        name = f"{experiment.name}{infix}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        run = TrackedRun(target, name, create_run(target, name, tags={NAME_TAGS[kind]: name}), resumed=False)
+        fields = {NAME_KEYS[kind]: name, "mlflow_run_id": run.run_id, **(record_extras or {})}
+        write_record(target, experiment.name, kind, fields)
+    try:
+        log_experiment(target.tracking_uri, run.run_id, experiment)
+        yield run
+    except KeyboardInterrupt:
+        end_run(target.tracking_uri, run.run_id, "KILLED")
+        raise
+    except BaseException:
+        end_run(target.tracking_uri, run.run_id, "FAILED")
+        raise
+    end_run(target.tracking_uri, run.run_id, run.status)
+
+
+def register_checkpoint(
+    target: TrackingTarget, run_id: str, checkpoint: str, *, metric: str, value: float, mode: str
+) -> RegisteredModel:
+    """Log the model bundle inside ``checkpoint`` (a folder or a storage URI Ray Train wrote) as
+    ``run_id``'s pyfunc model, register it and move the alias if ``metric=value`` wins (``mode``)."""
+    with Checkpoint(checkpoint).as_directory() as folder:  # downloaded when on remote storage
+        return log_and_register(
+            model_dir(require_checkpoint(folder)),
+            tracking_uri=target.tracking_uri,
+            run_id=run_id,
+            registered_model=target.registered_model,
+            alias=target.alias,
+            metric=metric,
+            metric_value=value,
+            mode=mode,
+        )
