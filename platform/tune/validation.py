@@ -18,10 +18,9 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from knet_platform.experiment.schema import Experiment, TuneConfig
+from knet_platform.knet_adapter import KNetConfig
 from knet_platform.train.trainer import validate_for_training
 from knet_platform.tune.space import CONTINUOUS, LISTED, SearchSpaceError, Space, resolve_space
-
-from knet import KNetConfig
 
 EXHAUSTIVE_LIMIT = 64  # integer ranges with at most this many values are validated value by value
 RANGE_SAMPLES = 8  # inner values checked (besides both ends) in a longer integer range
@@ -161,9 +160,7 @@ def check_values(experiment: Experiment, space: Space) -> None:
     range: its ends and middle), and so do the entries' values together (``combinations_to_check``:
     all combinations of a small space, else a sample; e.g. ``model.channels`` must be divisible by
     ``model.update.num_heads``). An unknown key fails here too, with a did-you-mean."""
-    raw = experiment.to_dict()
-    raw.pop("tune")
-    base = type(experiment).from_dict(raw)  # without its tune section: each check builds one experiment
+    base = experiment.without_tune()  # each check builds one experiment, without the search
     candidates = {key: values_to_check(op, args) for key, (op, args) in space.items()}
     for key, values in candidates.items():
         for value in values:
