@@ -31,6 +31,8 @@ from knet.evaluation import (
     write_semantic_png,
 )
 from knet.structures import Prediction, to_device
+from knet.typed_config import build as build_config
+from knet.typed_config import plain, plain_fields
 from knet.visualize import render_overlay
 
 __all__ = [
@@ -45,6 +47,7 @@ __all__ = [
     "Prediction",
     "TransformConfig",
     "build_dataset",
+    "build_config",
     "build_evaluators",
     "build_model",
     "check_dataset",
@@ -57,6 +60,8 @@ __all__ = [
     "model_config_for_task",
     "model_keys",
     "pack_dataset",
+    "plain",
+    "plain_fields",
     "reduces_zero_label",
     "render_overlay",
     "synthesize",

@@ -73,4 +73,4 @@ def test_an_error_line_never_prints_a_secret(capsys: pytest.CaptureFixture[str])
     bad = "tracking.uri={https://alice:hunter2@host: 1}"  # a mapping where a string belongs
     assert main(["show-config", str(QUICKSTART), "--set", bad]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: tracking.uri: expected a string") and "hunter2" not in err
+    assert err.startswith("error: tracking.uri: must be a string") and "hunter2" not in err

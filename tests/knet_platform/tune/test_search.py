@@ -113,6 +113,7 @@ def test_no_secret_of_tracking_uri_or_a_trial_value_reaches_the_searchs_mlflow_r
         latest_record,
         write_record,
     )
+    from knet_platform.tracking.lifecycle import tracked_run
     from knet_platform.tracking.runs import create_run, resolve_tracking
     from knet_platform.tune.search import (
         SEARCH_TAG,
@@ -122,7 +123,6 @@ def test_no_secret_of_tracking_uri_or_a_trial_value_reaches_the_searchs_mlflow_r
         TrialRunCloser,
         _log_results,
         _log_trial,
-        _start_search,
     )
     from knet_platform.tune.space import mask_space
     from knet_platform.tune.validation import space_of
@@ -135,7 +135,8 @@ def test_no_secret_of_tracking_uri_or_a_trial_value_reaches_the_searchs_mlflow_r
     experiment = experiment.with_overrides({"tracking.uri": SECRET_URI})
     masked = mask_space(space_of(experiment))
 
-    search_name, parent_run_id = _start_search(experiment, target, max_concurrent=1)
+    with tracked_run(experiment, target, "search", record_extras={"max_concurrent_trials": 1}) as parent:
+        search_name, parent_run_id = parent.name, parent.run_id  # the run ends FINISHED here
     config = {
         "train.lr": 1e-3,
         "tracking.artifact_location": masked.space["tracking.artifact_location"][1][1],
