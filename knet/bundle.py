@@ -27,6 +27,7 @@ from knet.build import build_model
 from knet.config import KNetConfig
 from knet.data import CategoryTable, TransformConfig, collate_batch
 from knet.data.transforms import normalize, scaled_size
+from knet.errors import KnetInputError, KnetInputNotFoundError
 from knet.structures import Prediction
 
 WEIGHTS_FILE = "weights.pt"
@@ -111,7 +112,7 @@ class ModelBundle:
             and image.dtype == np.uint8
         ):
             got = getattr(image, "shape", type(image).__name__), getattr(image, "dtype", None)
-            raise ValueError(f"image {index}: expected an (h, w, 3) uint8 RGB array, got {got}")
+            raise KnetInputError(f"image {index}: expected an (h, w, 3) uint8 RGB array, got {got}")
         h, w = image.shape[:2]
         tensor = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1)  # (h, w, 3) -> (3, h, w)
         cfg = self.transforms  # the dataset's test-time transform: single-scale resize, normalise
@@ -127,12 +128,12 @@ def load_bundle(directory: str | Path, *, device: str | torch.device = "cpu") ->
     directory = Path(directory)
     for name in (WEIGHTS_FILE, CONFIG_FILE, INFERENCE_FILE):
         if not (directory / name).is_file():
-            raise FileNotFoundError(f"{directory} is not a model bundle: {name} is missing")
+            raise KnetInputNotFoundError(f"{directory} is not a model bundle: {name} is missing")
     config = KNetConfig.from_dict(json.loads((directory / CONFIG_FILE).read_text()))
     inference = json.loads((directory / INFERENCE_FILE).read_text())
     reduce_zero_label = inference.get("reduce_zero_label", False)  # absent in older bundles
     if not isinstance(reduce_zero_label, bool):
-        raise ValueError(
+        raise KnetInputError(
             f"{directory / INFERENCE_FILE}: reduce_zero_label must be true or false, got {reduce_zero_label!r}"
         )
     model = build_model(config)

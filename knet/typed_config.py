@@ -30,10 +30,12 @@ import typing
 from collections.abc import Mapping
 from typing import Any, Literal
 
+from knet.errors import KnetInputError
+
 ErrorKind = Literal["unknown", "type", "missing", "invalid"]
 
 
-class ConfigFieldError(ValueError):
+class ConfigFieldError(KnetInputError):
     """One bad config value.
 
     key: its full dotted path (``train.lr_steps``, ``update.dropout``, ``sizes[1]``; "" for the whole

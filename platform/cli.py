@@ -1,7 +1,17 @@
 """The ``knet`` command. Heavy libraries (torch, Ray, MLflow) are imported inside the commands so that
-``knet --help`` stays fast. Bad input, an unreachable tracking store, a cluster too small for the run
-(every ``KnetUserError``) prints one ``error: ...`` line and exits 2 (``--debug``: traceback). Secrets in
-what is printed are masked.
+``knet --help`` stays fast. Secrets in what is printed are masked.
+
+Exit codes:
+
+- 0: done (``data check``: the dataset is OK; 1 when it found problems).
+- 1: a run or search failed in a way its message explains (``RunFailedError``): one ``error: ...`` line.
+- 2: the input is at fault: a bad experiment or option, a missing or malformed file, an unreachable
+  tracking store, a cluster too small for the run (every ``KnetUserError``, and knet's own
+  ``knet.errors.KnetInputError`` for data, config, result and bundle files): one ``error: ...`` line.
+  ``--debug`` shows the traceback of 1 and 2 instead.
+- 3: any other exception is a bug in knet-platform, whatever its type (a ``KeyError`` of ours is no
+  message for the user): its traceback, then one line asking for a report.
+- 130: interrupted.
 """
 
 from __future__ import annotations
@@ -10,14 +20,29 @@ import argparse
 import json
 import os
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
 from knet_platform.errors import KnetUserError, RunFailedError
 from knet_platform.redaction import redact, redact_text
 
-USER_ERROR_EXIT = 2
 RUN_FAILED_EXIT = 1
+USER_ERROR_EXIT = 2
+BUG_EXIT = 3
+BUG_REPORT = (
+    "knet: this is a bug in knet-platform, not in your input; please report it with the traceback above"
+)
+# knet's base class of the errors its caller can fix, recognised by name: only the adapter imports knet
+KNET_INPUT_ERROR = "knet.errors.KnetInputError"
+
+
+class UsageError(KnetUserError, ValueError):
+    """Command-line options that do not go together (or with the experiment)."""
+
+
+class ModelNotFoundError(KnetUserError, LookupError):
+    """``--model`` names a model, version, alias or run the tracking store does not hold."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -28,19 +53,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (
-        RunFailedError,
-        KnetUserError,
-        ValueError,
-        FileNotFoundError,
-        NotADirectoryError,
-        KeyError,
-    ) as error:
+    except Exception as error:
+        if not is_user_error(error):
+            traceback_text = "".join(traceback.format_exception(error))
+            print(redact_text(traceback_text), end="", file=sys.stderr)
+            print(BUG_REPORT, file=sys.stderr)
+            return BUG_EXIT
         if args.debug:
             raise
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         print(f"error: {redact_text(message)}", file=sys.stderr)
         return RUN_FAILED_EXIT if isinstance(error, RunFailedError) else USER_ERROR_EXIT
+
+
+def is_user_error(error: BaseException) -> bool:
+    """Whether ``error`` is one of ours that explains itself to the user (a ``KnetUserError``, a
+    ``RunFailedError``, a ``knet.errors.KnetInputError``), rather than a bug."""
+    if isinstance(error, (KnetUserError, RunFailedError)):
+        return True
+    return any(f"{cls.__module__}.{cls.__qualname__}" == KNET_INPUT_ERROR for cls in type(error).__mro__)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,10 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="train an experiment on Ray Train, tracked in MLflow (a tune section: a Ray Tune search)",
     )
     _experiment_args(run)
-    run.add_argument(
+    start = run.add_mutually_exclusive_group()  # continue a run, or start a new one from weights
+    start.add_argument(
         "--resume", action="store_true", help="continue the latest run (or search) of this experiment"
     )
-    run.add_argument(
+    start.add_argument(
         "--from-checkpoint", metavar="URI", help="fine-tune from a checkpoint folder or runs:/ URI"
     )
     run.set_defaults(command=_run)
@@ -157,7 +189,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def _search(args: argparse.Namespace, experiment) -> int:
     if args.from_checkpoint is not None:
-        raise ValueError(
+        raise UsageError(
             "--from-checkpoint starts one training run; a search starts every trial from scratch. "
             "Drop --from-checkpoint, or remove the tune section to fine-tune."
         )
@@ -189,9 +221,9 @@ def _show_config(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from knet_platform.serve.predict import load_model, predict_paths
+    from knet_platform.serve.predict import predict_paths
 
-    bundle = load_model(args.model, tracking_uri=_tracking_uri(args))
+    bundle = _load_model(args)
     written = predict_paths(bundle, args.inputs, args.out, task_part=args.task_part)
     print(f"wrote {len(written)} files to {args.out}")
     return 0
@@ -199,11 +231,27 @@ def _predict(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     experiment = _load(args)
-    from knet_platform.serve.predict import evaluate_bundle, load_model
+    from knet_platform.serve.predict import evaluate_bundle
 
-    metrics = evaluate_bundle(load_model(args.model, tracking_uri=_tracking_uri(args)), experiment)
+    metrics = evaluate_bundle(_load_model(args), experiment)
     print(json.dumps(metrics, indent=2))
     return 0
+
+
+def _load_model(args: argparse.Namespace):
+    """The bundle ``--model`` names; a URI the tracking store does not hold is the user's error."""
+    from knet_platform.serve.predict import load_model
+
+    tracking_uri = _tracking_uri(args)
+    try:
+        return load_model(args.model, tracking_uri=tracking_uri)
+    except Exception as error:
+        if getattr(error, "error_code", None) != "RESOURCE_DOES_NOT_EXIST":  # MLflow's "not found"
+            raise
+        raise ModelNotFoundError(
+            f"--model {args.model}: {getattr(error, 'message', error)} in the MLflow store "
+            f"{tracking_uri}; pass --tracking-uri, or list the models with `mlflow ui`."
+        ) from error
 
 
 def _data_synth(args: argparse.Namespace) -> int:

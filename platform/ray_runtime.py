@@ -58,7 +58,6 @@ class RayRuntime:
 
     address: str | None
     started_here: bool
-    num_cpus: float
     local: bool = True
 
 
@@ -81,9 +80,7 @@ def start_ray(
     global _local_ray_started
     os.environ.setdefault(WORKER_GROUP_START_TIMEOUT_ENV, DEFAULT_WORKER_GROUP_START_TIMEOUT_S)
     if ray.is_initialized():
-        return RayRuntime(
-            address=None, started_here=False, num_cpus=_cluster_cpus(), local=_local_ray_started
-        )
+        return RayRuntime(address=None, started_here=False, local=_local_ray_started)
     address = os.environ.get("RAY_ADDRESS")
     if address:
         # merged into the job's runtime env (ray job submit's working_dir stays); every worker gets it
@@ -104,7 +101,7 @@ def start_ray(
             log_to_driver=True,
         )
         _local_ray_started = True
-    return RayRuntime(address=address, started_here=True, num_cpus=_cluster_cpus(), local=not address)
+    return RayRuntime(address=address, started_here=True, local=not address)
 
 
 def stop_ray(runtime: RayRuntime) -> None:
@@ -179,14 +176,13 @@ def packed_groups(
     return placed
 
 
-def check_capacity(scaling: ScalingConfig, runtime: RayRuntime) -> bool:
-    """Whether the cluster's live nodes can place every worker now (see :func:`plan_capacity`);
-    prints what is pending when the run is to wait for an autoscaler."""
+def check_capacity(scaling: ScalingConfig, runtime: RayRuntime) -> None:
+    """Refuse (:class:`CapacityError`) a request the cluster's live nodes cannot place, or print what
+    is pending when the run is to wait for an autoscaler (see :func:`plan_capacity`)."""
     nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
     pending = plan_capacity(nodes, scaling, local=runtime.local)
     if pending is not None:
         print(pending, flush=True)
-    return pending is None
 
 
 def plan_capacity(nodes: list[dict[str, float]], scaling: ScalingConfig, *, local: bool) -> str | None:
@@ -239,7 +235,3 @@ def _dashboard_port() -> int:
 
 def _fmt(resources: dict[str, float]) -> str:
     return "{" + ", ".join(f"{name}: {amount:g}" for name, amount in resources.items()) + "}"
-
-
-def _cluster_cpus() -> float:
-    return float(ray.cluster_resources().get("CPU", 0.0))

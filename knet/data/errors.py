@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from knet.errors import KnetInputError
 
-class DataError(ValueError):
+
+class DataError(KnetInputError):
     """A dataset file is missing, corrupt or inconsistent; the message names the file."""

@@ -29,6 +29,7 @@ from knet.data.config import DataSource
 from knet.data.errors import DataError
 from knet.data.io import decode_rgb
 from knet.data.readers import Reader, Sample, open_reader
+from knet.errors import KnetInputError
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ def pack_dataset(src: DataSource, out: str, shard_size: int = 256) -> Manifest:
     the end); otherwise its ``DataError`` stops the packing.
     """
     if shard_size < 1:
-        raise ValueError(f"shard_size={shard_size} must be >= 1")
+        raise KnetInputError(f"shard_size={shard_size} must be >= 1")
     reader = open_reader(src)
     table = reader.categories
     manifest = Manifest(root=str(out), categories=table.to_dict(), reduce_zero_label=src.reduce_zero_label)

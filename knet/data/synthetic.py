@@ -24,6 +24,7 @@ from pycocotools import mask as mask_utils
 from knet.data.categories import Category, CategoryTable
 from knet.data.config import DataSource
 from knet.data.io import encode_panoptic_ids
+from knet.errors import KnetInputError
 
 THINGS = (Category(1, "circle", True), Category(2, "square", True), Category(3, "triangle", True))
 STUFF = (Category(11, "sky", False), Category(12, "ground", False))
@@ -236,11 +237,11 @@ def synthesize(
     ``SyntheticDataset``). Re-uses ``out_dir`` when it already holds the same parameters."""
     h, w = (int(v) for v in image_size)
     if num_images < 2:
-        raise ValueError(f"num_images={num_images}: need at least 2 (one train, one val image)")
+        raise KnetInputError(f"num_images={num_images}: need at least 2 (one train, one val image)")
     if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction={val_fraction} must be in (0, 1)")
+        raise KnetInputError(f"val_fraction={val_fraction} must be in (0, 1)")
     if h < 32 or w < 32:
-        raise ValueError(f"image_size={image_size}: use at least (32, 32)")
+        raise KnetInputError(f"image_size={image_size}: use at least (32, 32)")
     num_val = min(num_images - 1, max(1, round(num_images * val_fraction)))
     root = Path(out_dir)
     dataset = SyntheticDataset(root, int(seed), (h, w), num_images - num_val, num_val)

@@ -7,7 +7,7 @@
 The same evaluator classes as in training do the counting, so numbers agree with in-memory evaluation.
 A bad file (not JSON, not the expected COCO layout, a PNG of another size than its ground truth, a
 predicted segment listed but absent from its PNG, an id or category the ground truth does not have) is
-one ``ValueError`` naming the file(s); nothing is skipped.
+one ``knet.errors.KnetInputError`` (a ``ValueError``) naming the file(s); nothing is skipped.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from knet.errors import KnetInputError, KnetInputNotFoundError
 from knet.evaluation.instance import coco_mask_metrics
 from knet.evaluation.panoptic import PanopticEvaluator
 from knet.evaluation.semantic import SemanticEvaluator
@@ -50,19 +51,19 @@ def evaluate_results(
         return _evaluate_instance(Path(gt), Path(pred))
     if task == "semantic":
         if num_classes is None:
-            raise ValueError("semantic evaluation needs num_classes (the number of contiguous class ids)")
+            raise KnetInputError("semantic evaluation needs num_classes (the number of contiguous class ids)")
         return _evaluate_semantic(Path(gt), Path(pred), num_classes, reduce_zero_label, ignore_index)
-    raise ValueError(f"task={task!r}: expected 'panoptic', 'instance' or 'semantic'")
+    raise KnetInputError(f"task={task!r}: expected 'panoptic', 'instance' or 'semantic'")
 
 
 def _read_json(path: Path, what: str) -> object:
     """Parse a result/ground-truth JSON; ``ValueError`` naming the file when missing or not JSON."""
     if not path.is_file():
-        raise ValueError(f"{what} file not found: {path}")
+        raise KnetInputNotFoundError(f"{what} file not found: {path}")
     try:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{what} file {path} is not valid JSON: {error}") from None
+        raise KnetInputError(f"{what} file {path} is not valid JSON: {error}") from None
 
 
 def _read_coco_json(path: Path, what: str, keys: tuple[str, ...]) -> dict:
@@ -71,15 +72,17 @@ def _read_coco_json(path: Path, what: str, keys: tuple[str, ...]) -> dict:
     missing = [key for key in keys if key not in data] if isinstance(data, dict) else list(keys)
     if missing:
         found = ", ".join(sorted(data)) if isinstance(data, dict) else f"a JSON {type(data).__name__}"
-        raise ValueError(
+        raise KnetInputError(
             f"{path} is not a {what} JSON: it lacks the key(s) {', '.join(missing)} (found: {found or 'nothing'})"
         )
     for list_key in ("images", "annotations", "categories"):
         if list_key in keys and not isinstance(data[list_key], list):
-            raise ValueError(f"{path}: '{list_key}' must be a list, found {type(data[list_key]).__name__}")
+            raise KnetInputError(
+                f"{path}: '{list_key}' must be a list, found {type(data[list_key]).__name__}"
+            )
     for entry_key in ("images", "categories"):
         if entry_key in keys and not all(isinstance(e, dict) and "id" in e for e in data[entry_key]):
-            raise ValueError(f"{path}: every entry of '{entry_key}' needs an 'id'")
+            raise KnetInputError(f"{path}: every entry of '{entry_key}' needs an 'id'")
     return data
 
 
@@ -87,7 +90,7 @@ def _evaluate_instance(gt_json: Path, pred_json: Path) -> dict[str, float | dict
     gt_data = _read_coco_json(gt_json, "COCO instances ground-truth", ("images", "annotations", "categories"))
     results = _read_json(pred_json, "COCO results")
     if not isinstance(results, list):
-        raise ValueError(
+        raise KnetInputError(
             f"{pred_json} is not a COCO results JSON: expected a list of "
             "{image_id, category_id, segmentation, score} entries, found a JSON object"
         )
@@ -95,17 +98,19 @@ def _evaluate_instance(gt_json: Path, pred_json: Path) -> dict[str, float | dict
     category_ids = {category["id"] for category in gt_data["categories"]}
     for index, entry in enumerate(results):
         if not isinstance(entry, dict):
-            raise ValueError(f"{pred_json}: result {index} is a JSON {type(entry).__name__}, not an object")
+            raise KnetInputError(
+                f"{pred_json}: result {index} is a JSON {type(entry).__name__}, not an object"
+            )
         missing = [k for k in ("image_id", "category_id", "segmentation", "score") if k not in entry]
         if missing:
-            raise ValueError(f"{pred_json}: result {index} lacks {', '.join(missing)}")
+            raise KnetInputError(f"{pred_json}: result {index} lacks {', '.join(missing)}")
         if entry["image_id"] not in image_ids:
-            raise ValueError(
+            raise KnetInputError(
                 f"{pred_json}: result {index} has image_id {entry['image_id']}, which is not among the "
                 f"images of {gt_json}"
             )
         if entry["category_id"] not in category_ids:
-            raise ValueError(
+            raise KnetInputError(
                 f"{pred_json}: result {index} has category_id {entry['category_id']}, which is not among "
                 f"the categories of {gt_json} (COCOeval would silently ignore it)"
             )
@@ -121,7 +126,7 @@ def _evaluate_panoptic(
     pred_dir = Path(pred_masks) if pred_masks is not None else pred_json.with_suffix("")
     for folder, json_file in ((gt_dir, gt_json), (pred_dir, pred_json)):
         if not folder.is_dir():
-            raise ValueError(f"PNG folder {folder} of {json_file} does not exist")
+            raise KnetInputNotFoundError(f"PNG folder {folder} of {json_file} does not exist")
     categories = sorted(gt_data["categories"], key=lambda c: (not c.get("isthing", 1), c["id"]))
     contiguous = {c["id"]: k for k, c in enumerate(categories)}  # things first, then stuff
     num_things = sum(1 for c in categories if c.get("isthing", 1))
@@ -137,11 +142,11 @@ def _evaluate_panoptic(
     for gt_ann in gt_data["annotations"]:
         pred_ann = predictions.get(gt_ann["image_id"])
         if pred_ann is None:
-            raise ValueError(f"no prediction for image_id {gt_ann['image_id']} in {pred_json}")
+            raise KnetInputError(f"no prediction for image_id {gt_ann['image_id']} in {pred_json}")
         gt_png, pred_png = gt_dir / gt_ann["file_name"], pred_dir / pred_ann["file_name"]
         gt_rgb_ids, pred_rgb_ids = _read_png_ids(gt_png, gt_json), _read_png_ids(pred_png, pred_json)
         if gt_rgb_ids.shape != pred_rgb_ids.shape:
-            raise ValueError(
+            raise KnetInputError(
                 f"prediction {pred_png} is {pred_rgb_ids.shape} (h, w) but ground truth {gt_png} is "
                 f"{gt_rgb_ids.shape}: write predictions at each image's original size"
             )
@@ -160,13 +165,13 @@ def _check_annotation(ann: object, json_file: Path) -> None:
     """A panoptic annotation entry has image_id, file_name and segments_info with id + category_id."""
     if not isinstance(ann, dict) or not {"image_id", "file_name", "segments_info"} <= set(ann):
         found = ", ".join(sorted(ann)) if isinstance(ann, dict) else type(ann).__name__
-        raise ValueError(
+        raise KnetInputError(
             f"{json_file}: an annotation lacks image_id/file_name/segments_info (found: {found}); "
             "it is not a COCO panoptic JSON"
         )
     for segment in ann["segments_info"]:
         if not isinstance(segment, dict) or not {"id", "category_id"} <= set(segment):
-            raise ValueError(
+            raise KnetInputError(
                 f"{json_file}: a segment of image_id {ann['image_id']} lacks id/category_id: {segment}"
             )
 
@@ -176,18 +181,20 @@ def _labels(
 ) -> torch.Tensor:
     unknown = [s["category_id"] for s in segments_info if s["category_id"] not in contiguous]
     if unknown:
-        raise ValueError(f"{json_file}: category_id {unknown[0]} is not among the categories of {gt_json}")
+        raise KnetInputError(
+            f"{json_file}: category_id {unknown[0]} is not among the categories of {gt_json}"
+        )
     return torch.tensor([contiguous[s["category_id"]] for s in segments_info], dtype=torch.int64)
 
 
 def _read_png_ids(png: Path, json_file: Path) -> np.ndarray:
     """RGB-id PNG listed in ``json_file`` -> (H, W) int64 segment ids (id = R + 256 G + 256^2 B)."""
     if not png.is_file():
-        raise ValueError(f"PNG {png} listed in {json_file} does not exist")
+        raise KnetInputNotFoundError(f"PNG {png} listed in {json_file} does not exist")
     try:
         rgb = np.asarray(Image.open(png).convert("RGB"))
     except (OSError, SyntaxError, ValueError) as error:
-        raise ValueError(f"cannot decode PNG {png} (listed in {json_file}): {error}") from None
+        raise KnetInputError(f"cannot decode PNG {png} (listed in {json_file}): {error}") from None
     return rgb_to_ids(rgb)
 
 
@@ -204,13 +211,13 @@ def _segment_rows(
     index = {s["id"]: k + 1 for k, s in enumerate(segments_info)}
     unknown = [int(v) for v in values if v != 0 and v not in index]
     if unknown:
-        raise ValueError(
+        raise KnetInputError(
             f"{png}: segment ids {unknown[:5]} are in the PNG but not in its segments_info in {json_file}"
         )
     if prediction:
         absent = sorted(set(index) - {int(v) for v in values})
         if absent:
-            raise ValueError(
+            raise KnetInputError(
                 f"{png}: segment ids {absent[:5]} are in its segments_info in {json_file} but have no pixel "
                 "in the PNG (pq_compute refuses this too; list only segments the PNG holds)"
             )
@@ -224,23 +231,23 @@ def _evaluate_semantic(
     evaluator = SemanticEvaluator(num_classes=num_classes, ignore_index=ignore_index)
     gt_files = sorted(gt_dir.glob("*.png"))
     if not gt_files:
-        raise ValueError(f"no ground-truth PNGs in {gt_dir}")
+        raise KnetInputError(f"no ground-truth PNGs in {gt_dir}")
     for gt_file in gt_files:
         pred_file = pred_dir / gt_file.name
         if not pred_file.exists():
-            raise ValueError(f"no prediction {pred_file} for ground truth {gt_file}")
+            raise KnetInputError(f"no prediction {pred_file} for ground truth {gt_file}")
         gt, pred = _read_label_png(gt_file), _read_label_png(pred_file)
         if reduce_zero_label:
             gt = np.where(gt == 0, ignore_index, np.where(gt == ignore_index, ignore_index, gt - 1))
             pred = pred - 1
         if gt.shape != pred.shape:
-            raise ValueError(
+            raise KnetInputError(
                 f"prediction {pred_file} is {pred.shape} (h, w) but ground truth {gt_file} is {gt.shape}"
             )
         try:
             evaluator.process_label_maps(torch.from_numpy(gt), torch.from_numpy(pred))
         except ValueError as error:
-            raise ValueError(f"{pred_file} vs {gt_file}: {error}") from None
+            raise KnetInputError(f"{pred_file} vs {gt_file}: {error}") from None
     return evaluator.evaluate()
 
 
@@ -250,7 +257,7 @@ def _read_label_png(path: Path) -> np.ndarray:
         image = Image.open(path)
         image.load()
     except (OSError, SyntaxError, ValueError) as error:
-        raise ValueError(f"cannot decode label PNG {path}: {error}") from None
+        raise KnetInputError(f"cannot decode label PNG {path}: {error}") from None
     if image.mode not in ("L", "P", "I", "I;16"):
-        raise ValueError(f"label PNG {path} must be single-channel (class ids), found mode {image.mode}")
+        raise KnetInputError(f"label PNG {path} must be single-channel (class ids), found mode {image.mode}")
     return np.asarray(image, dtype=np.int64)

@@ -3,20 +3,31 @@
 MLflow stores this file's source with the model and runs it on load: ``load_context`` rebuilds the
 model from the bundle folder (``artifacts["bundle"]``, written by ``knet.bundle.save_bundle``) with
 ``torch.load(weights_only=True)``, so loading a registered model never unpickles arbitrary objects.
-The serving environment needs the ``knet`` package installed.
+The serving environment needs knet-platform installed (``knet`` and its adapter).
 
-``predict`` takes a list of (H, W, 3) uint8 RGB arrays and returns one dict of plain NumPy / Python
-values per image (only the parts the model predicts are present):
-``panoptic``: {segment_map (H, W) int64, labels [M], scores [M], is_thing [M]},
-``instance``: {masks (M, H, W) bool, labels [M], scores [M]}, ``semantic``: {label_map (H, W) int64}.
+``predict`` takes a list of (H, W, 3) uint8 RGB arrays and returns, per image, the bundle's
+``knet.structures.Prediction`` as plain values, made by one function, ``to_plain``: every dataclass
+becomes a dict keyed by all of its fields, every tensor a NumPy array of the same dtype and shape, and
+everything else (``None`` for a part the model does not predict, the ``image_size`` tuple) stays as it
+is. So ``mlflow.pyfunc.load_model(uri).predict(images)`` and
+``knet_platform.serve.predict.load_model(uri).predict(images)`` hold the same values::
+
+    {"image_size": (H, W),
+     "panoptic": {"segment_map": (H, W) int64, "labels": (M,), "scores": (M,), "is_thing": (M,)} | None,
+     "instance": {"masks": (M, H, W) bool, "labels": (M,), "scores": (M,)} | None,
+     "semantic": {"label_map": (H, W) int64, "class_scores": (K, h, w) | None,
+                  "class_logits": (K, h, w) | None} | None,
+     "extras": {name: array}}
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import mlflow
 import numpy as np
+import torch
 
 
 class KNetPyfuncModel(mlflow.pyfunc.PythonModel):
@@ -27,7 +38,7 @@ class KNetPyfuncModel(mlflow.pyfunc.PythonModel):
     _skip_type_hint_validation = True
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
-        from knet.bundle import load_bundle
+        from knet_platform.knet_adapter import load_bundle  # the platform reaches knet through it
 
         self.bundle = load_bundle(context.artifacts["bundle"])
 
@@ -35,29 +46,21 @@ class KNetPyfuncModel(mlflow.pyfunc.PythonModel):
     # predict's hints into an input schema, and a schema cannot describe a list of images.
     def predict(self, context: mlflow.pyfunc.PythonModelContext, model_input, params: Any = None):  # noqa: ANN001
         images = [np.asarray(image, dtype=np.uint8) for image in model_input]
-        return [_to_numpy(prediction) for prediction in self.bundle.predict(images)]
+        return [to_plain(prediction) for prediction in self.bundle.predict(images)]
 
 
-def _to_numpy(prediction: Any) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    if prediction.panoptic is not None:
-        part = prediction.panoptic
-        result["panoptic"] = {
-            "segment_map": part.segment_map.cpu().numpy(),
-            "labels": part.labels.cpu().tolist(),
-            "scores": part.scores.cpu().tolist(),
-            "is_thing": part.is_thing.cpu().tolist(),
-        }
-    if prediction.instance is not None:
-        part = prediction.instance
-        result["instance"] = {
-            "masks": part.masks.cpu().numpy(),
-            "labels": part.labels.cpu().tolist(),
-            "scores": part.scores.cpu().tolist(),
-        }
-    if prediction.semantic is not None:
-        result["semantic"] = {"label_map": prediction.semantic.label_map.cpu().numpy()}
-    return result
+def to_plain(value: Any) -> Any:
+    """A prediction (or any part of one) as plain values: dataclass -> dict of all its fields, tensor ->
+    NumPy array (on the CPU), dict / list / tuple -> the same container of converted values."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().numpy()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {field.name: to_plain(getattr(value, field.name)) for field in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {key: to_plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_plain(item) for item in value)
+    return value
 
 
 mlflow.models.set_model(KNetPyfuncModel())

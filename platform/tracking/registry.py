@@ -95,11 +95,11 @@ def download_model(model_uri: str, tracking_uri: str, dst: str | Path) -> Path:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst)))
     mlmodel = local / "MLmodel"
     if not mlmodel.is_file():
-        raise ValueError(f"{model_uri} is not an MLflow model (no MLmodel file in {local}).")
+        raise NotAKnetModelError(f"{model_uri} is not an MLflow model (no MLmodel file in {local}).")
     flavors = yaml.safe_load(mlmodel.read_text()).get("flavors", {})
     artifacts = flavors.get("python_function", {}).get("artifacts", {})
     if "bundle" not in artifacts:
-        raise ValueError(
+        raise NotAKnetModelError(
             f"{model_uri} is not a knet model: its pyfunc flavor has no 'bundle' artifact "
             f"(found {sorted(artifacts)}). Log models with knet_platform.tracking.registry.log_and_register."
         )
@@ -146,6 +146,10 @@ def _beats_champion(
     better = value > current if mode == "max" else value < current
     relation = "beats" if better else "does not beat"
     return better, f"{metric}={value:.4g} {relation} version {champion.version}'s {current:.4g} ({mode})"
+
+
+class NotAKnetModelError(KnetUserError, ValueError):
+    """A model URI that names something other than a model logged by :func:`log_and_register`."""
 
 
 class MissingRequirementError(KnetUserError, RuntimeError):

@@ -7,12 +7,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from knet_platform.errors import KnetUserError
+from knet_platform.experiment.building import ExperimentError
 from knet_platform.experiment.schema import Experiment
 from knet_platform.knet_adapter import CategoryTable, build_dataset, synthesize
 from torch.utils.data import ConcatDataset
 
 # DataSource fields that name files or folders (checked before training, synthesised when missing)
 _PATH_FIELDS = ("images", "annotations", "masks", "shards")
+
+
+class DataPathError(KnetUserError, FileNotFoundError):
+    """A path of ``data.train`` / ``data.val`` does not exist (and generating the synthetic set did not
+    create it)."""
 
 
 @dataclass
@@ -33,7 +40,7 @@ def prepare_data(experiment: Experiment) -> bool:
     """
     data = experiment.data
     if data.train is None:
-        raise ValueError(
+        raise ExperimentError(
             "data.train is not set. Point it at a dataset (a DataSource), or at the synthetic "
             "dataset's files inside data.synthetic.cache_dir."
         )
@@ -42,7 +49,7 @@ def prepare_data(experiment: Experiment) -> bool:
         return False
     synthetic = data.synthetic
     if synthetic is None:
-        raise FileNotFoundError(
+        raise DataPathError(
             f"data paths do not exist: {', '.join(missing)}. Fix the paths in the experiment YAML "
             "(relative paths are resolved against the YAML's folder) or add a data.synthetic section."
         )
@@ -54,7 +61,7 @@ def prepare_data(experiment: Experiment) -> bool:
     )
     still_missing = _missing_paths(experiment)
     if still_missing:
-        raise FileNotFoundError(
+        raise DataPathError(
             f"generated the synthetic dataset into {synthetic.cache_dir}, but {', '.join(still_missing)} "
             "still do not exist: point data.train / data.val at files inside data.synthetic.cache_dir."
         )

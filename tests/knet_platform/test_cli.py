@@ -227,3 +227,83 @@ def test_a_run_that_failed_is_one_error_line_and_exit_code_1_a_user_error_exit_c
     monkeypatch.setattr(cli, "_show_config", fails_with(KnetUserError("tracking.uri unreachable")))
     assert main(["show-config", "x.yaml"]) == 2
     assert capsys.readouterr().err == "error: tracking.uri unreachable\n"
+
+
+def _command_raising(error: BaseException):
+    def command(args) -> int:
+        raise error
+
+    return command
+
+
+@pytest.mark.parametrize("bug", [KeyError("x"), ValueError("bad value"), FileNotFoundError("nope.txt")])
+def test_a_bug_prints_its_traceback_and_asks_for_a_report_never_an_error_line(monkeypatch, capsys, bug):
+    import knet_platform.cli as cli
+
+    monkeypatch.setattr(cli, "_show_config", _command_raising(bug))
+    assert main(["show-config", "x.yaml"]) == cli.BUG_EXIT == 3
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert lines[0] == "Traceback (most recent call last):"
+    assert f"{type(bug).__name__}: {bug}" in lines and lines[-1] == cli.BUG_REPORT
+    assert lines[-1] == (
+        "knet: this is a bug in knet-platform, not in your input; please report it with the traceback above"
+    )
+    assert not any(line.startswith("error: ") for line in lines)
+
+
+def test_a_bugs_traceback_has_its_secrets_masked(monkeypatch, capsys):
+    import knet_platform.cli as cli
+
+    monkeypatch.setattr(cli, "_show_config", _command_raising(KeyError("http://alice:hunter2@host/x")))
+    assert main(["show-config", "x.yaml"]) == 3
+    err = capsys.readouterr().err
+    assert "http://***@host/x" in err and "hunter2" not in err
+
+
+def test_user_errors_of_the_platform_and_of_knet_are_one_error_line_and_exit_2(monkeypatch, capsys):
+    import knet_platform.cli as cli
+    from knet_platform.experiment.building import ExperimentError
+    from knet_platform.tracking.resume_record import NothingToResumeError
+
+    from knet.data.errors import DataError
+    from knet.errors import KnetInputError, KnetInputNotFoundError
+
+    for error in (
+        ExperimentError("train.lr: must be > 0\nmore detail"),
+        NothingToResumeError("nothing to resume"),
+        KnetInputError("shard_size=0 must be >= 1"),
+        KnetInputNotFoundError("bundle/ is not a model bundle: weights.pt is missing"),
+        DataError("images/1.png cannot be decoded"),
+    ):
+        monkeypatch.setattr(cli, "_show_config", _command_raising(error))
+        assert main(["show-config", "x.yaml"]) == 2, error
+        assert capsys.readouterr().err == f"error: {str(error).splitlines()[0]}\n"
+
+
+def test_knet_input_errors_keep_the_builtin_types_they_were():
+    from knet.config import ConfigFieldError
+    from knet.data.errors import DataError
+    from knet.errors import KnetInputError, KnetInputNotFoundError
+
+    assert issubclass(KnetInputError, ValueError)
+    assert issubclass(KnetInputNotFoundError, FileNotFoundError) and issubclass(
+        KnetInputNotFoundError, ValueError
+    )
+    assert issubclass(DataError, KnetInputError) and issubclass(ConfigFieldError, KnetInputError)
+
+
+def test_bad_arguments_to_knet_functions_are_user_errors(tmp_path, capsys):
+    assert main(["data", "synth", str(tmp_path / "syn"), "--images", "1"]) == 2
+    assert capsys.readouterr().err == "error: num_images=1: need at least 2 (one train, one val image)\n"
+    assert main(["predict", "--model", str(tmp_path), str(tmp_path), "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {tmp_path} is not a model bundle")
+    assert main(["evaluate-results", "semantic", "--gt", str(tmp_path), "--pred", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.startswith("error: semantic evaluation needs num_classes")
+
+
+def test_resume_and_from_checkpoint_are_refused_together_by_the_parser(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", str(QUICKSTART), "--resume", "--from-checkpoint", "runs:/x/checkpoints/best"])
+    assert exit_info.value.code == 2
+    assert "not allowed with argument --resume" in capsys.readouterr().err

@@ -8,7 +8,14 @@ import os
 import pytest
 import ray
 from knet_platform.experiment.schema import ScalingConfig
-from knet_platform.ray_runtime import CapacityError, placeable_workers, plan_capacity, worker_resources
+from knet_platform.ray_runtime import (
+    CapacityError,
+    RayRuntime,
+    check_capacity,
+    placeable_workers,
+    plan_capacity,
+    worker_resources,
+)
 
 TWO_CPU_NODES = [{"CPU": 2.0, "memory": 1e9}, {"CPU": 2.0, "memory": 1e9}]
 GPU_NODE = {"CPU": 8.0, "GPU": 1.0}
@@ -45,6 +52,20 @@ def test_a_cluster_refuses_by_default_and_waits_for_its_autoscaler_when_told_to(
     assert pending.startswith("waiting for resources: scaling asks for 8 workers x {CPU: 4, GPU: 1}")
     assert "room for 0 worker(s)" in pending
     assert plan_capacity([GPU_NODE] * 8, waiting, local=False) is None
+
+
+def test_check_capacity_refuses_or_announces_the_wait_and_returns_nothing(monkeypatch, capsys) -> None:
+    nodes = [{"Alive": True, "Resources": {"CPU": 4.0}}, {"Alive": False, "Resources": {"CPU": 64.0}}]
+    monkeypatch.setattr(ray, "nodes", lambda: nodes)  # the live nodes only: the dead one holds nothing
+    cluster = RayRuntime(address="ray://head:10001", started_here=True, local=False)
+    assert check_capacity(ScalingConfig(num_workers=4), cluster) is None
+    assert capsys.readouterr().out == ""
+    waiting = ScalingConfig(num_workers=8, wait_for_resources=True)
+    assert check_capacity(waiting, cluster) is None
+    assert capsys.readouterr().out.startswith("waiting for resources: scaling asks for 8 workers")
+    local = RayRuntime(address=None, started_here=True, local=True)
+    with pytest.raises(CapacityError, match="this machine's Ray has 1 node"):
+        check_capacity(waiting, local)
 
 
 @ray.remote(num_cpus=0)

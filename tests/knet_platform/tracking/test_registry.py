@@ -1,9 +1,12 @@
-"""The model registry: the alias moves only to a better model; a registered model downloads as a bundle."""
+"""The model registry: the alias moves only to a better model; a registered model downloads as a bundle
+and its pyfunc predicts exactly what the bundle predicts."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
+import numpy as np
 import pytest
 from knet_platform.tracking.registry import download_model, log_and_register
 from knet_platform.tracking.runs import create_run, resolve_tracking
@@ -85,3 +88,77 @@ def test_the_model_pins_every_package_its_serving_environment_needs() -> None:
     pins = pinned_requirements()  # a missing one raises MissingRequirementError, never drops silently
     assert [pin.split("==")[0] for pin in pins] == list(_RUNTIME_REQUIREMENTS)
     assert all(pin.split("==")[1] for pin in pins)
+
+
+@pytest.mark.parametrize("task", ["semantic", "panoptic"])
+def test_the_pyfunc_returns_every_field_of_the_bundles_prediction(store, tmp_path: Path, task: str) -> None:
+    import mlflow.pyfunc
+    from knet_platform.serve.predict import load_model
+    from knet_platform.tracking.registry import _store
+
+    from knet.structures import Prediction
+    from tests.knet_platform.serve.test_predict import tiny_bundle
+
+    target, _ = store
+    run_id = create_run(target, task)
+    registered = log_and_register(
+        tiny_bundle(tmp_path / f"{task}_bundle", task),
+        tracking_uri=target.tracking_uri,
+        run_id=run_id,
+        registered_model="reg",
+        alias="champion",
+        metric="val/pq",
+        metric_value=1.0,
+        mode="max",
+    )
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, shape, dtype=np.uint8) for shape in ((40, 72, 3), (64, 48, 3))]
+    expected = load_model(registered.model_uri, tracking_uri=target.tracking_uri).predict(images)
+    with _store(target.tracking_uri):
+        served = mlflow.pyfunc.load_model(registered.model_uri).predict(images)
+
+    assert len(served) == len(expected)
+    for bundle_prediction, pyfunc_prediction in zip(expected, served, strict=True):
+        assert set(pyfunc_prediction) == {field.name for field in dataclasses.fields(Prediction)}
+        assert pyfunc_prediction["image_size"] == bundle_prediction.image_size
+        assert set(pyfunc_prediction["extras"]) == set(bundle_prediction.extras)
+        for name, value in bundle_prediction.extras.items():
+            np.testing.assert_array_equal(pyfunc_prediction["extras"][name], value.numpy(), strict=True)
+        parts = ("panoptic", "instance", "semantic")
+        assert getattr(bundle_prediction, task) is not None
+        for part_name in parts:
+            part = getattr(bundle_prediction, part_name)
+            if part is None:
+                assert pyfunc_prediction[part_name] is None
+                continue
+            served_part = pyfunc_prediction[part_name]
+            assert set(served_part) == {field.name for field in dataclasses.fields(part)}
+            for field in dataclasses.fields(part):
+                value = getattr(part, field.name)
+                if value is None:
+                    assert served_part[field.name] is None, f"{part_name}.{field.name}"
+                else:
+                    np.testing.assert_array_equal(
+                        served_part[field.name],
+                        value.numpy(),
+                        strict=True,
+                        err_msg=f"{part_name}.{field.name}",
+                    )
+    if task == "semantic":  # the fields the pyfunc used to drop
+        assert expected[0].semantic.class_scores is not None and expected[0].semantic.class_logits is not None
+
+
+def test_predict_with_a_model_the_store_does_not_hold_is_a_user_error(store, tmp_path: Path, capsys) -> None:
+    from knet_platform.cli import main
+
+    target, bundle = store
+    _register(target, bundle, 40.0)  # the store holds "reg", not "nope"
+    code = main(
+        ["predict", "--model", "models:/nope@champion", str(tmp_path), "--out", str(tmp_path / "out"),
+         "--tracking-uri", target.tracking_uri]
+    )  # fmt: skip
+    err = capsys.readouterr().err  # MLflow's own log lines come first
+    assert code == 2 and "Traceback" not in err
+    assert err.splitlines()[-1].startswith(
+        "error: --model models:/nope@champion: Registered Model with name=nope"
+    )
