@@ -107,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--out", required=True, type=Path, metavar="DIR")
     predict.add_argument("--tracking-uri", help=_TRACKING_URI_HELP)
     predict.add_argument("--task-part", choices=("panoptic", "instance", "semantic"))
+    predict.add_argument(
+        "--score-threshold", type=float, default=0.3, metavar="S",
+        help="overlays: draw instance masks scoring at least S (default 0.3; result files keep all)",
+    )  # fmt: skip
     predict.set_defaults(command=_predict)
 
     evaluate = commands.add_parser("eval", help="evaluate a model on an experiment's val set")
@@ -209,7 +213,9 @@ def _show_config(args: argparse.Namespace) -> int:
 
         validate_search(experiment)
     resolved = experiment.to_dict()
-    resolved["model"] = experiment.model_config(None).to_dict()
+    from knet_platform.knet_adapter import used_model_fields
+
+    resolved["model"] = used_model_fields(experiment.model_config(None))  # the keys this task reads
     resolved["model"].pop("num_thing_classes")
     resolved["model"].pop("num_stuff_classes")  # class counts come from the dataset at run time
     shown = redact(resolved)
@@ -224,14 +230,16 @@ def _predict(args: argparse.Namespace) -> int:
     from knet_platform.serve.predict import predict_paths
 
     bundle = _load_model(args)
-    written = predict_paths(bundle, args.inputs, args.out, task_part=args.task_part)
+    written = predict_paths(
+        bundle, args.inputs, args.out, task_part=args.task_part, score_threshold=args.score_threshold
+    )
     print(f"wrote {len(written)} files to {args.out}")
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
     experiment = _load(args)
-    from knet_platform.serve.predict import evaluate_bundle
+    from knet_platform.serve.evaluate import evaluate_bundle
 
     metrics = evaluate_bundle(_load_model(args), experiment)
     print(json.dumps(metrics, indent=2))
@@ -255,7 +263,7 @@ def _load_model(args: argparse.Namespace):
 
 
 def _data_synth(args: argparse.Namespace) -> int:
-    from knet.data import synthesize
+    from knet_platform.knet_adapter import synthesize
 
     dataset = synthesize(args.out, num_images=args.images, seed=args.seed, image_size=tuple(args.size))
     print(f"wrote {dataset.num_train} train + {dataset.num_val} val images to {args.out}")
@@ -263,7 +271,7 @@ def _data_synth(args: argparse.Namespace) -> int:
 
 
 def _data_check(args: argparse.Namespace) -> int:
-    from knet.data.check import check_dataset
+    from knet_platform.knet_adapter import check_dataset
 
     report = check_dataset(args.source)
     print(report.summary())
@@ -271,8 +279,7 @@ def _data_check(args: argparse.Namespace) -> int:
 
 
 def _data_pack(args: argparse.Namespace) -> int:
-    from knet.data.check import detect_source
-    from knet.data.parquet import pack_dataset
+    from knet_platform.knet_adapter import detect_source, pack_dataset
 
     manifest = pack_dataset(detect_source(args.source), args.out, shard_size=args.shard_size)
     print(f"wrote {len(manifest.shards)} shards to {manifest.root}")
@@ -280,7 +287,7 @@ def _data_pack(args: argparse.Namespace) -> int:
 
 
 def _evaluate_results(args: argparse.Namespace) -> int:
-    from knet.evaluation import evaluate_results
+    from knet_platform.knet_adapter import evaluate_results
 
     metrics = evaluate_results(
         args.task, args.gt, args.pred, num_classes=args.num_classes, reduce_zero_label=args.reduce_zero_label

@@ -251,9 +251,11 @@ def _distribute(model: torch.nn.Module, world_size: int, device: torch.device) -
     if world_size > 1 and device.type == "cuda":
         # the parameters stay the same objects, so the optimizer built before still holds them
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    # DDP's unused-parameter search: a stage's class branch gets no gradient on a batch without targets.
+    # Every K-Net parameter takes part in every loss, with or without targets, for each task and head
+    # (tests/knet/test_every_parameter_learns.py), so DDP needs no unused-parameter search (measured by
+    # benchmarks/ddp_unused.py: it bought nothing and printed a warning per worker in every run).
     return ray.train.torch.prepare_model(  # Ray
-        model, parallel_strategy_kwargs={"find_unused_parameters": True}
+        model, parallel_strategy_kwargs={"find_unused_parameters": False}
     )
 
 

@@ -307,3 +307,26 @@ def test_resume_and_from_checkpoint_are_refused_together_by_the_parser(capsys):
         main(["run", str(QUICKSTART), "--resume", "--from-checkpoint", "runs:/x/checkpoints/best"])
     assert exit_info.value.code == 2
     assert "not allowed with argument --resume" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("experiment", "absent", "present"),
+    [
+        ("quickstart.yaml", {"decode_head", "aux_head"}, {"num_proposals", "matcher"}),
+        ("coco_instance_r50.yaml", {"decode_head", "aux_head"}, {"num_proposals", "matcher"}),
+        ("quickstart_semantic.yaml", {"num_proposals", "matcher"}, {"decode_head", "aux_head"}),
+    ],
+)
+def test_show_config_prints_the_model_keys_the_task_reads(
+    experiment: str, absent: set[str], present: set[str], capsys, monkeypatch, tmp_path
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    path = REPO / "experiments" / experiment
+    overrides = []
+    if experiment.startswith("coco"):  # its dataset paths are placeholders to fill in: point at any folder
+        overrides = [f"--set=data.train.{key}={tmp_path}" for key in ("images", "annotations")]
+        overrides += ["--set=data.val=null", "--set=train.metric=train/loss", "--set=train.mode=min"]
+        overrides += ["--set=model.backbone.pretrained_path=null"]
+    assert main(["show-config", str(path), *overrides]) == 0
+    model = yaml.safe_load(capsys.readouterr().out)["model"]
+    assert not absent & model.keys() and present <= model.keys()
