@@ -109,7 +109,9 @@ def predict_paths(
             )
         overlay_path = out / "overlays" / f"{path.stem}.png"
         overlay_path.parent.mkdir(parents=True, exist_ok=True)
-        overlay = render_overlay(image, prediction, bundle.categories.names, part=part, score_threshold=score_threshold)
+        overlay = render_overlay(
+            image, prediction, bundle.categories.names, part=part, score_threshold=score_threshold
+        )
         Image.fromarray(overlay).save(overlay_path)
         written.append(overlay_path)
     if panoptic is not None:

@@ -377,7 +377,9 @@ class RunLogger:
     def log_overlays(self, overlays: list[np.ndarray], epoch: int) -> None:
         """Log rendered overlays ((h, w, 3) uint8 each) as ``overlays/epoch_XXX_i.png``."""
         for index, overlay in enumerate(overlays):
-            self.client.log_image(self.run_id, overlay, artifact_file=f"overlays/epoch_{epoch:03d}_{index}.png")
+            self.client.log_image(
+                self.run_id, overlay, artifact_file=f"overlays/epoch_{epoch:03d}_{index}.png"
+            )
 
 
 def _json_number(value: float) -> float | None:

@@ -33,6 +33,7 @@ from knet_platform.tracking.runs import (
 from knet_platform.train.checkpoints import require_checkpoint
 from knet_platform.train.datasets import prepare_data
 from knet_platform.train.trainer import build_trainer, validate_for_training
+from ray.train import TrainingFailedError
 
 
 @dataclass
@@ -118,7 +119,14 @@ def _fit_and_register(experiment: Experiment, run: TrackedRun, from_checkpoint: 
             tracking_uri=target.tracking_uri,
             init_weights_from=init_weights,
         )
-        result = trainer.fit()
+        try:
+            result = trainer.fit()
+        except TrainingFailedError as error:  # a worker's error (bad loss, OOM kill...), not a bug here
+            raise RunFailedError(
+                f"training failed: {_worker_error(error)}. The worker's traceback is above and the run is "
+                "FAILED in MLflow; once the cause is fixed, `knet run --resume` continues from the last "
+                "checkpoint."
+            ) from error
     metric, mode = experiment.train.metric, experiment.train.mode
     checkpoint, metrics = _best(result.best_checkpoints or [], metric, mode)
     value = float(metrics[metric])
@@ -126,7 +134,9 @@ def _fit_and_register(experiment: Experiment, run: TrackedRun, from_checkpoint: 
     if target.log_checkpoints == "best":
         with checkpoint.as_directory() as folder:
             logger.log_checkpoint(folder, "best")
-    registered = register_checkpoint(target, run.run_id, checkpoint.path, metric=metric, value=value, mode=mode)
+    registered = register_checkpoint(
+        target, run.run_id, checkpoint.path, metric=metric, value=value, mode=mode
+    )
     return RunSummary(
         metrics={k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
         run_id=run.run_id,
@@ -137,6 +147,19 @@ def _fit_and_register(experiment: Experiment, run: TrackedRun, from_checkpoint: 
         registered=registered,
         tracking_uri=redact_text(target.tracking_uri),
     )
+
+
+def _worker_error(error: TrainingFailedError) -> str:
+    """The first failed worker's error as one line: ``worker 0: NonFiniteLossError: non-finite ...``."""
+    failures = getattr(error, "worker_failures", None) or {}
+    for rank, failure in sorted(failures.items()):
+        cause = getattr(failure, "cause", None) or failure  # a RayTaskError wraps the worker's exception
+        lines = [line for line in str(cause).strip().splitlines() if line.strip()]
+        last = lines[-1] if lines else ""
+        name = type(cause).__name__
+        return f"worker {rank}: {last if last.startswith(name) else f'{name}: {last}'}"
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
 
 
 def _best(candidates: list[tuple[Any, dict[str, Any]]], metric: str, mode: str) -> tuple[Any, dict[str, Any]]:

@@ -127,7 +127,9 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         if evaluation is not None:
             metrics.update({f"val/{key}": value for key, value in evaluation.metrics.items()})
         if run.rank == 0:
-            shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k.startswith(("train/loss", "val/")))
+            shown = " ".join(
+                f"{k}={v:.4g}" for k, v in metrics.items() if k.startswith(("train/loss", "val/"))
+            )
             print(f"[epoch {epoch_number}/{epochs}] {shown} ({run.train_seconds:.1f}s train)")
         run.epoch = epoch_number
         _checkpoint_log_and_report(run, metrics, evaluation)

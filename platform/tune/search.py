@@ -408,7 +408,12 @@ def _summarise(
     registered = None
     if best is not None:
         registered = register_checkpoint(
-            target, best.mlflow_run_id or parent_run_id, best.checkpoint, metric=metric, value=best.metric, mode=mode
+            target,
+            best.mlflow_run_id or parent_run_id,
+            best.checkpoint,
+            metric=metric,
+            value=best.metric,
+            mode=mode,
         )
     return SearchSummary(
         metric=metric,

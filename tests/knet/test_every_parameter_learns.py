@@ -32,7 +32,9 @@ def test_every_mask_model_parameter_gets_a_gradient(task: str, empty: bool) -> N
 @pytest.mark.parametrize("decode_head", ["uper", "fcn"])
 @pytest.mark.parametrize("aux_head", [True, False])
 @pytest.mark.parametrize("empty", [False, True], ids=["with-targets", "no-targets"])
-def test_every_semantic_model_parameter_gets_a_gradient(decode_head: str, aux_head: bool, empty: bool) -> None:
+def test_every_semantic_model_parameter_gets_a_gradient(
+    decode_head: str, aux_head: bool, empty: bool
+) -> None:
     model = semantic_model(decode_head, aux_head=aux_head).train()
     data = make_batch(0, 2, 96, 128)  # two images: the pooling module's BatchNorm needs more than one value
     targets = [semantic_targets(t) for t in data.targets]

@@ -99,7 +99,11 @@ def test_scaling_combinations_ray_would_refuse_after_starting_are_refused_here(b
     assert_fails(
         base, r"scaling\.resources_per_worker: .* reserves nothing", ["scaling.resources_per_worker={CPU: 0}"]
     )
-    assert_fails(base, r"scaling\.wait_for_resources: must be a bool \(true or false\)", ["scaling.wait_for_resources=1"])
+    assert_fails(
+        base,
+        r"scaling\.wait_for_resources: must be a bool \(true or false\)",
+        ["scaling.wait_for_resources=1"],
+    )
     assert load_experiment(base).scaling.wait_for_resources is False  # refuse by default
     gpu = load_experiment(base, ["scaling.use_gpu=true", "scaling.resources_per_worker={CPU: 2}"])
     assert gpu.scaling.resources_per_worker == {"CPU": 2.0}  # Ray adds GPU: 1 per worker itself

@@ -235,8 +235,12 @@ def test_loading_refuses_pickled_objects(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("missing", [STATE_FILE, "model/weights.pt"])
-def test_a_folder_missing_a_part_is_refused_naming_the_folder_and_the_part(tmp_path: Path, missing: str) -> None:
+def test_a_folder_missing_a_part_is_refused_naming_the_folder_and_the_part(
+    tmp_path: Path, missing: str
+) -> None:
     folder = _save(tmp_path / "ckpt", 1)
     (folder / missing).unlink()
-    with pytest.raises(CheckpointNotFoundError, match=rf"{folder} is not a knet training checkpoint: {missing}"):
+    with pytest.raises(
+        CheckpointNotFoundError, match=rf"{folder} is not a knet training checkpoint: {missing}"
+    ):
         load_checkpoint(folder)

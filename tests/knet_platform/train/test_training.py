@@ -177,6 +177,7 @@ def test_semantic_quickstart_trains_evaluates_miou_and_registers_a_model_that_pr
 def test_non_finite_loss_fails_the_run_naming_the_step_and_the_loss_terms(
     tmp_path: Path, local_ray, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from knet_platform.errors import RunFailedError
     from knet_platform.train.driver import run_experiment
     from mlflow.tracking import MlflowClient
 
@@ -185,7 +186,9 @@ def test_non_finite_loss_fails_the_run_naming_the_step_and_the_loss_terms(
     experiment = load_tiny(
         tmp_path, "train.lr=1.0e+30", "train.warmup_iters=0", "train.grad_clip=null", epochs=1, workers=1
     )
-    with pytest.raises(Exception, match=r"non-finite loss at epoch 1, global step \d+") as failure:
+    with pytest.raises(
+        RunFailedError, match=r"worker 0: NonFiniteLossError: non-finite loss at epoch 1, global step \d+"
+    ) as failure:
         run_experiment(experiment)
     assert "all terms:" in str(failure.value)
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")

@@ -107,13 +107,13 @@ def test_no_secret_of_tracking_uri_or_a_trial_value_reaches_the_searchs_mlflow_r
     from types import SimpleNamespace
 
     from knet_platform.errors import KnetUserError
+    from knet_platform.tracking.lifecycle import tracked_run
     from knet_platform.tracking.resume_record import (
         NothingToResumeError,
         ResumeMismatchError,
         latest_record,
         write_record,
     )
-    from knet_platform.tracking.lifecycle import tracked_run
     from knet_platform.tracking.runs import create_run, resolve_tracking
     from knet_platform.tune.search import (
         SEARCH_TAG,
