@@ -157,5 +157,4 @@ def prediction_to_cpu(prediction: Prediction) -> Prediction:
         for name, value in vars(part).items():
             if isinstance(value, torch.Tensor):
                 setattr(part, name, value.cpu())
-    prediction.extras = {k: v.cpu() for k, v in prediction.extras.items()}
     return prediction

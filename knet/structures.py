@@ -8,7 +8,7 @@ Class ids are contiguous training ids: things first ``[0, T)``, then stuff ``[T,
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
@@ -101,7 +101,6 @@ class Prediction:
     panoptic: PanopticPrediction | None = None
     instance: InstancePrediction | None = None
     semantic: SemanticPrediction | None = None
-    extras: dict[str, Tensor] = field(default_factory=dict)
 
     def resized(self, size: tuple[int, int]) -> Prediction:
         """The same prediction at another image size (nearest neighbour on maps and masks), used to map
@@ -112,7 +111,6 @@ class Prediction:
             panoptic=self.panoptic.resized(size) if self.panoptic is not None else None,
             instance=self.instance.resized(size) if self.instance is not None else None,
             semantic=self.semantic.resized(size) if self.semantic is not None else None,
-            extras=dict(self.extras),
         )
 
 

@@ -16,8 +16,7 @@ is. So ``mlflow.pyfunc.load_model(uri).predict(images)`` and
      "panoptic": {"segment_map": (H, W) int64, "labels": (M,), "scores": (M,), "is_thing": (M,)} | None,
      "instance": {"masks": (M, H, W) bool, "labels": (M,), "scores": (M,)} | None,
      "semantic": {"label_map": (H, W) int64, "class_scores": (K, h, w) | None,
-                  "class_logits": (K, h, w) | None} | None,
-     "extras": {name: array}}
+                  "class_logits": (K, h, w) | None} | None}
 """
 
 from __future__ import annotations
