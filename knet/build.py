@@ -8,7 +8,6 @@ from knet.backbone import TimmBackbone
 from knet.config import KNetConfig
 from knet.criterion import KNetCriterion
 from knet.kernel_head import ConvKernelHead
-from knet.kernel_update import KernelUpdateHead
 from knet.matcher import HungarianMatcher
 from knet.model import Criterion, KNet, PostProcessor
 from knet.neck import FPN
@@ -16,6 +15,7 @@ from knet.postprocess import PostProcessor as KNetPostProcessor
 from knet.semantic_head import SemanticKernelHead
 from knet.semantic_loss import SemanticCriterion
 from knet.semantic_postprocess import SemanticPostProcessor
+from knet.update_stage import KernelUpdateHead
 
 
 def build_backbone(cfg: KNetConfig) -> TimmBackbone:

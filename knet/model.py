@@ -17,8 +17,8 @@ from torch import Tensor, nn
 from torch.profiler import record_function
 
 from knet.backbone import TimmBackbone
-from knet.kernel_update import KernelUpdateHead
 from knet.structures import KernelHeadOutput, Prediction, StageOutput
+from knet.update_stage import KernelUpdateHead
 
 Criterion = Callable[..., dict[str, Tensor]]
 PostProcessor = Callable[..., list[Prediction]]

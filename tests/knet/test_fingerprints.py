@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from knet import KNetConfig, build_model
-from knet.kernel_update import KernelUpdateHead
 from knet.kernel_updator import KernelUpdator
+from knet.update_stage import KernelUpdateHead
 
 
 def _count(module) -> int:  # noqa: ANN001

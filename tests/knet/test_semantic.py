@@ -9,10 +9,10 @@ import torch.nn.functional as F
 
 from knet import KNetConfig, build_model
 from knet.decode_heads import ASPPHead, FCNHead, PSPHead, UPerHead
-from knet.kernel_update import KernelUpdateHead
 from knet.model import KNet
 from knet.semantic_loss import cross_entropy, label_maps
 from knet.structures import SemanticPrediction
+from knet.update_stage import KernelUpdateHead
 from tests.support.shapes import NUM_STUFF_CLASSES, NUM_THING_CLASSES, make_batch
 
 NUM_CLASSES = NUM_THING_CLASSES + NUM_STUFF_CLASSES

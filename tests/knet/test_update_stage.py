@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from knet.kernel_update import KernelUpdateHead
+from knet.update_stage import KernelUpdateHead
 
 
 def _head(**overrides: object) -> KernelUpdateHead:
