@@ -193,9 +193,12 @@ def _outlined_text(
     draw: ImageDraw.ImageDraw, centre: tuple[int, int], text: str, font: ImageFont.ImageFont, stroke: int
 ) -> None:
     """White text with a ``stroke``-pixel black outline centred on ``centre`` (x, y): readable on any
-    colour."""
+    colour; shifted inwards where it would cross the image's edge (a segment at the border)."""
     left, top, right, bottom = draw.textbbox((0, 0), text, font=font, stroke_width=stroke)
-    origin = (centre[0] - (left + right) / 2, centre[1] - (top + bottom) / 2)
+    width, height = draw.im.size
+    x = min(max(centre[0] - (left + right) / 2, -left), width - right)
+    y = min(max(centre[1] - (top + bottom) / 2, -top), height - bottom)
+    origin = (x, y)
     draw.text(origin, text, fill=(255, 255, 255), font=font, stroke_width=stroke, stroke_fill=(0, 0, 0))
 
 

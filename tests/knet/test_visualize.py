@@ -159,3 +159,17 @@ def test_the_part_defaults_to_panoptic_and_a_missing_part_is_refused() -> None:
 def test_a_prediction_of_another_size_is_refused() -> None:
     with pytest.raises(ValueError, match="resized"):
         render_overlay(np.zeros((H + 1, W, 3), dtype=np.uint8), halves(), NAMES)
+
+
+def test_a_label_at_the_images_edge_is_shifted_inside_not_cut_off() -> None:
+    """A segment along the right border: its name is drawn whole (as many white text pixels as the same
+    name drawn in the middle of the image), inside the image, not clipped at its edge."""
+
+    def white_text_pixels(columns: slice) -> int:
+        segment_map = np.zeros((128, 128), dtype=np.int64)
+        segment_map[40:80, columns] = 1
+        image = np.full((128, 128, 3), 100, dtype=np.uint8)
+        drawn = render_overlay(image, panoptic(segment_map, [0], [True]), ["a long name"])
+        return int((drawn[:, :128] == 255).all(-1).sum())
+
+    assert white_text_pixels(slice(96, 128)) == white_text_pixels(slice(32, 96)) > 0
