@@ -108,12 +108,20 @@ def download_model(model_uri: str, tracking_uri: str, dst: str | Path) -> Path:
 
 @contextmanager
 def _store(tracking_uri: str) -> Iterator[None]:
-    """Point MLflow's fluent API (tracking and registry) at ``tracking_uri`` for a block.
+    """Point MLflow's fluent API (tracking and registry) at ``tracking_uri`` for a block, then put the
+    process's MLflow state back exactly as it was.
 
     ``log_model`` needs the fluent API, and resolving ``models:/name@alias`` reads the process-wide
-    registry URI even when a tracking URI is passed explicitly; the previous URIs come back after.
+    registry URI even when a tracking URI is passed explicitly. "As it was" includes "not set": MLflow's
+    setters also write ``MLFLOW_TRACKING_URI`` / ``MLFLOW_REGISTRY_URI`` into the environment, so
+    restoring the *resolved* previous URIs would pin the default of this moment's working directory
+    (and a second model load elsewhere would look in the wrong store).
     """
-    previous_tracking, previous_registry = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    from mlflow.tracking._model_registry import utils as registry_state  # MLflow keeps no public getter
+    from mlflow.tracking._tracking_service import utils as tracking_state  # of "set explicitly or not"
+
+    saved_env = {name: os.environ.get(name) for name in _URI_ENV}
+    saved_tracking, saved_registry = tracking_state._tracking_uri, registry_state._registry_uri
     # a model is a handful of files: MLflow's download progress bars are noise in a run's log
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     mlflow.set_tracking_uri(tracking_uri)
@@ -122,8 +130,16 @@ def _store(tracking_uri: str) -> Iterator[None]:
         with no_printed_urls_with_secrets(tracking_uri):
             yield
     finally:
-        mlflow.set_tracking_uri(previous_tracking)
-        mlflow.set_registry_uri(previous_registry)
+        mlflow.set_tracking_uri(saved_tracking)
+        mlflow.set_registry_uri(saved_registry)
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+_URI_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
 
 
 def _beats_champion(

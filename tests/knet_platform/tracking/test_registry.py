@@ -4,6 +4,7 @@ and its pyfunc predicts exactly what the bundle predicts."""
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import numpy as np
@@ -159,3 +160,32 @@ def test_predict_with_a_model_the_store_does_not_hold_is_a_user_error(store, tmp
     assert err.splitlines()[-1].startswith(
         "error: --model models:/nope@champion: Registered Model with name=nope"
     )
+
+
+def test_using_the_registry_leaves_mlflows_process_state_as_it_was(
+    store, tmp_path: Path, monkeypatch
+) -> None:
+    """Two loads in one process, from two working directories, each find their model; MLflow's global
+    URIs and their environment variables are what they were before (unset stays unset)."""
+    import mlflow
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    mlflow.set_tracking_uri(None)
+    mlflow.set_registry_uri(None)
+    target, bundle = store
+    registered = _register(target, bundle, 40.0)
+    for attempt in ("first", "second"):
+        workdir = tmp_path / attempt
+        workdir.mkdir()
+        monkeypatch.chdir(workdir)
+        folder = download_model(registered.alias_uri, target.tracking_uri, workdir / "download")
+        assert (folder / "model_config.json").is_file()
+        assert "MLFLOW_TRACKING_URI" not in os.environ and "MLFLOW_REGISTRY_URI" not in os.environ
+        # nothing pinned: MLflow's default follows the working directory again
+        assert str(workdir) in mlflow.get_tracking_uri() and str(workdir) in mlflow.get_registry_uri()
+    assert not list(tmp_path.glob("*/mlflow.db")), "a stray store was created in a working directory"
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///elsewhere.db")  # a user's own setting survives
+    download_model(registered.alias_uri, target.tracking_uri, tmp_path / "third")
+    assert os.environ["MLFLOW_TRACKING_URI"] == "sqlite:///elsewhere.db"
