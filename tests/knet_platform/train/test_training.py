@@ -92,6 +92,8 @@ def test_quickstart_on_two_workers_logs_metrics_and_registers_a_champion_that_pr
     assert run.info.status == "FINISHED"
     pq_history = client.get_metric_history(summary.run_id, "val/pq")
     assert [m.step for m in pq_history] == [1, 2]
+    epochs = client.get_metric_history(summary.run_id, "epoch")  # once per epoch, not twice
+    assert sorted((m.step, m.value) for m in epochs) == [(1, 1.0), (2, 2.0)]
     # 3 steps per epoch is too few for the loss to fall every time: the loop's bookkeeping is what is
     # checked (every epoch's mean over both workers logged once, finite, at its epoch)
     losses = sorted(client.get_metric_history(summary.run_id, "train/loss"), key=lambda m: m.step)
