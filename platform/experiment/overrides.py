@@ -20,8 +20,34 @@ def parse_override(text: str) -> tuple[str, Any]:
     try:
         value = load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as error:
-        raise ExperimentError(f"bad override {text!r}: the value is not valid YAML ({error})") from None
+        mark = getattr(error, "problem_mark", None)
+        where = f" at column {mark.column + 1}" if mark is not None and mark.line == 0 else ""
+        raise ExperimentError(
+            f"bad override {text!r}: the value is not valid YAML{where} ({yaml_error_cause(error)}); "
+            f"quote it (--set '{key}=\"...\"') or fix the syntax, e.g. --set train.lr=2e-4"
+        ) from None
     return key, value
+
+
+def yaml_error_cause(error: yaml.YAMLError) -> str:
+    """PyYAML's cause on one line (``mapping values are not allowed here``, with the construct it was
+    reading, ``while scanning a quoted scalar``), without its multi-line position excerpt."""
+    problem = getattr(error, "problem", None)
+    context = getattr(error, "context", None)
+    if not problem:  # a ReaderError (a control character) has no problem/mark, only its text
+        return " ".join(str(error).split()) or type(error).__name__
+    if not context:
+        return str(problem)
+    problem_mark, context_mark = error.problem_mark, getattr(error, "context_mark", None)
+    if context_mark is not None and (problem_mark is None or context_mark.line != problem_mark.line):
+        context = f"{context} started at line {context_mark.line + 1}"
+    return f"{problem} ({context})"
+
+
+def yaml_error_location(error: yaml.YAMLError) -> tuple[int, int] | None:
+    """The 1-based line and column PyYAML points at, or None when it gives no position."""
+    mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
+    return None if mark is None else (mark.line + 1, mark.column + 1)
 
 
 def apply_overrides(

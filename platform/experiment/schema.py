@@ -19,7 +19,12 @@ from typing import Any, Literal
 import yaml
 from knet_platform.experiment.building import ExperimentError, build, plain_fields, require
 from knet_platform.experiment.home import local_path
-from knet_platform.experiment.overrides import apply_overrides, parse_override
+from knet_platform.experiment.overrides import (
+    apply_overrides,
+    parse_override,
+    yaml_error_cause,
+    yaml_error_location,
+)
 from knet_platform.experiment.yaml_loader import load_yaml
 from knet_platform.knet_adapter import (
     CategoryTable,
@@ -464,8 +469,21 @@ def load_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = (
         raise ExperimentError(f"experiment file {path} does not exist: pass the path of a YAML file")
     try:
         raw = load_yaml(path.read_text())
+    except UnicodeDecodeError as error:
+        raise ExperimentError(
+            f"{path} is not UTF-8 text (byte {error.start}): save the experiment YAML as UTF-8"
+        ) from None
     except yaml.YAMLError as error:
-        raise ExperimentError(f"{path} is not valid YAML: {error}") from None
+        location = yaml_error_location(error)
+        where = f"{path}:{location[0]}:{location[1]}" if location else str(path)
+        raise ExperimentError(
+            f"{where}: {yaml_error_cause(error)}: this is not valid YAML; fix the syntax there"
+        ) from None
+    if raw is None:
+        raise ExperimentError(
+            f"{path} is empty (or holds only comments): write the experiment in it "
+            "(name, task, model, data, ...; see experiments/ for examples)"
+        )
     if not isinstance(raw, dict):
         raise ExperimentError(f"{path} must hold a mapping with name, task, model, data, ...")
     parsed = dict(parse_override(text) for text in overrides)

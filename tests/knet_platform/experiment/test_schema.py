@@ -388,3 +388,47 @@ def _synthetic_data(tmp_path: Path) -> dict:
         "train": {"format": "coco_instance", "images": f"{cache}/images/train",
                   "annotations": f"{cache}/annotations/instances_train.json"},
     }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("text", "location", "cause"),
+    [
+        ("name: t\ntask: panoptic: x\n", "2:15", "mapping values are not allowed here"),
+        ("name: t\nmodel: {channels: 32\ndata: {}\n", "3:5", "expected ',' or '}'"),
+        ("name: 'unterminated\n", "2:1", "found unexpected end of stream"),
+    ],
+)
+def test_a_yaml_syntax_error_names_file_line_and_column_on_the_cli(
+    tmp_path: Path, capsys, text: str, location: str, cause: str
+) -> None:
+    from knet_platform.cli import main
+
+    path = write(tmp_path, text)
+    assert main(["show-config", str(path)]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(errors) == 1 and errors[0].startswith(f"error: {path}:{location}: "), errors
+    assert cause in errors[0] and "fix the syntax" in errors[0]
+
+
+@pytest.mark.parametrize("text", ["", "# only a comment\n\n# another\n"])
+def test_an_empty_experiment_file_says_it_is_empty(tmp_path: Path, capsys, text: str) -> None:
+    from knet_platform.cli import main
+
+    path = write(tmp_path, text)
+    assert main(["show-config", str(path)]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert errors == [f"error: {path} is empty (or holds only comments): write the experiment in it "
+                      "(name, task, model, data, ...; see experiments/ for examples)"]  # fmt: skip
+
+
+def test_a_bad_set_value_names_its_column_and_cause_on_the_cli(capsys) -> None:
+    from knet_platform.cli import main
+
+    experiment = str(EXPERIMENTS / "quickstart.yaml")
+    assert main(["show-config", experiment, "--set", "train.lr=[1e-4,"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(errors) == 1, errors
+    assert errors[0].startswith(
+        "error: bad override 'train.lr=[1e-4,': the value is not valid YAML at column 7"
+    )
+    assert "expected the node content" in errors[0] and "quote it" in errors[0]
