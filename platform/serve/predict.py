@@ -31,6 +31,14 @@ class InputNotFoundError(KnetUserError, FileNotFoundError):
     """An input to predict does not exist, or a folder holds no images."""
 
 
+class ImageDecodeError(KnetUserError, ValueError):
+    """An input to predict is not an image that can be decoded (empty, truncated, another format)."""
+
+
+class OutputDirError(KnetUserError, FileExistsError):
+    """``--out`` names an existing file, not a folder."""
+
+
 class TaskPartError(KnetUserError, ValueError):
     """The prediction part asked for (``--task-part``) is one the model does not produce."""
 
@@ -82,13 +90,17 @@ def predict_paths(
     out = Path(out_dir)
     part = task_part or bundle.config.task
     files = expand_inputs(list(inputs))
+    if out.exists() and not out.is_dir():
+        raise OutputDirError(f"--out {out} is a file: pass a folder to write the results into")
+    for path in files:  # every input decodes before anything is written: no half-written results
+        read_rgb(path)
     to_dataset_id = bundle.categories.to_dataset_id
     panoptic = PanopticResultsWriter(out / "panoptic", to_dataset_id) if part == "panoptic" else None
     instances = CocoInstanceResultsWriter(to_dataset_id) if part == "instance" else None
     written: list[Path] = []
     for index, path in enumerate(files, start=1):
         image_id = image_id_of(path, index)
-        image = np.asarray(Image.open(path).convert("RGB"))  # (h, w, 3) uint8
+        image = read_rgb(path)  # (h, w, 3) uint8
         (prediction,) = bundle.predict([image])
         if getattr(prediction, part) is None:
             raise TaskPartError(
@@ -119,6 +131,22 @@ def predict_paths(
     if instances is not None:
         written.append(instances.write(out / "instances.json"))
     return written
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    """The image at ``path`` as uint8 (h, w, 3) RGB, fully decoded; ``ImageDecodeError`` naming the
+    file when it is empty, truncated or not an image."""
+    if path.stat().st_size == 0:
+        raise ImageDecodeError(f"input {path} is empty (0 bytes): remove it or pass a complete image file")
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))  # convert() decodes every pixel: (h, w, 3) uint8
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        reason = " ".join(str(error).split()) or type(error).__name__
+        raise ImageDecodeError(
+            f"input {path} is not an image that can be decoded ({reason}): remove it or convert it "
+            f"to one of {', '.join(IMAGE_SUFFIXES)}"
+        ) from None
 
 
 def image_id_of(path: Path, index: int) -> int:

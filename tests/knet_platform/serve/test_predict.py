@@ -216,3 +216,46 @@ def test_evaluate_bundle_scores_at_the_original_size_like_evaluate_results_on_wr
         ("aacc", semantic),
     ):
         assert metrics[f"val/{key}"] == pytest.approx(offline[key])
+
+
+def _error_lines(capsys) -> list[str]:
+    return [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize(
+    ("content", "cause"),
+    [
+        (b"", "is empty (0 bytes)"),
+        (b"just some text, not an image\n", "is not an image that can be decoded"),
+        ("truncated", "is not an image that can be decoded"),
+    ],
+)
+def test_cli_predict_refuses_an_undecodable_input_before_writing_anything(tmp_path, capsys, content, cause):
+    tiny_bundle(tmp_path / "bundle")
+    images = write_images(tmp_path / "images")  # a.png, b.jpg: good, and predicted first
+    bad = tmp_path / "images" / "z.png"
+    bad.write_bytes(images[0].read_bytes()[:60] if content == "truncated" else content)
+    out = tmp_path / "out"
+    code = main(["predict", "--model", str(tmp_path / "bundle"), str(tmp_path / "images"), "--out", str(out)])
+    errors = _error_lines(capsys)
+    assert code == 2 and len(errors) == 1, errors
+    assert errors[0].startswith(f"error: input {bad} ") and cause in errors[0] and "remove it" in errors[0]
+    assert not out.exists()  # nothing half-written: no PNGs without their panoptic.json
+
+
+def test_cli_predict_into_a_file_is_one_error(tmp_path, capsys):
+    tiny_bundle(tmp_path / "bundle")
+    write_images(tmp_path / "images")
+    (tmp_path / "out").write_text("a file")
+    code = main(
+        [
+            "predict",
+            "--model",
+            str(tmp_path / "bundle"),
+            str(tmp_path / "images"),
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
+    assert code == 2 and _error_lines(capsys) == [f"error: --out {tmp_path / 'out'} is a file: pass a folder "
+                                                  "to write the results into"]  # fmt: skip
