@@ -8,7 +8,14 @@ A checkpoint folder holds
 - ``state.pt``: what resuming needs beyond the weights: optimizer, scheduler and grad-scaler state
   dicts, epoch, global step and every worker's RNG states of Python, NumPy and torch as plain ints,
   floats and tensors, so ``torch.load(weights_only=True)`` reads all of it and nothing is unpickled;
-- ``metadata.json``: its epoch, step and ranking metric, readable without torch.
+- ``metadata.json``: its epoch, step and ranking metric, readable without torch, and the sha256 of
+  every other file of the checkpoint (``state.pt`` and each file under ``model/``), computed from the
+  written bytes before the folder is renamed into place.
+
+Loading (:func:`load_checkpoint`, :func:`load_model_weights`, :func:`require_checkpoint`) checks every
+recorded digest first, so a file damaged after the save (a bad disk, a copy cut short or altered) is
+refused by name instead of loading part of a state or silently wrong weights. A checkpoint written
+before checkpoints carried digests loads as before, unchecked.
 
 Writing goes to a temporary sibling folder whose files are fsynced before it is renamed into place (and
 the parent folder fsynced after), so a crash or power loss mid-write never leaves a half checkpoint
@@ -18,6 +25,7 @@ under the checkpoint's name.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -44,7 +52,8 @@ RngState = dict[str, Any]  # what capture_rng_state returns: ints, floats, None 
 
 
 class CorruptCheckpointError(KnetUserError, ValueError):
-    """A checkpoint's ``state.pt`` is truncated or damaged (not written by a completed save)."""
+    """A checkpoint file is truncated or damaged: not a complete torch archive, or its sha256 differs
+    from the one ``metadata.json`` recorded when it was saved."""
 
 
 class CheckpointNotFoundError(KnetUserError, FileNotFoundError):
@@ -88,14 +97,18 @@ class CheckpointScore:
 
 @dataclass(frozen=True)
 class CheckpointMetadata:
-    """``metadata.json``: what a person browsing checkpoints needs to pick one, without loading tensors.
+    """``metadata.json``: what a person browsing checkpoints needs to pick one, without loading tensors,
+    and what loading needs to tell an intact checkpoint from a damaged one.
 
-    score is None for a checkpoint saved without one.
+    score is None for a checkpoint saved without one. sha256 maps each file of the checkpoint, by its
+    path relative to the checkpoint folder (``state.pt``, ``model/weights.pt``, ...), to its hex
+    digest; None for a checkpoint written before checkpoints carried digests (it loads unchecked).
     """
 
     epoch: int
     global_step: int
     score: CheckpointScore | None
+    sha256: dict[str, str] | None = None
 
 
 def capture_rng_state() -> RngState:
@@ -167,7 +180,8 @@ def save_checkpoint(
     score: CheckpointScore | None = None,
 ) -> Path:
     """Write a checkpoint to ``directory`` atomically: ``write_model(folder)`` writes the model bundle
-    into ``model/``, ``state`` goes to ``state.pt`` and its ``score`` into ``metadata.json``.
+    into ``model/``, ``state`` goes to ``state.pt``, and its ``score`` and the sha256 of every file
+    written (read back from the staging folder) into ``metadata.json``.
 
     Every file is written and fsynced in a temporary sibling folder, which is then renamed to
     ``directory``. An existing folder of the same name is replaced only after the new one is complete
@@ -184,7 +198,9 @@ def save_checkpoint(
             torch.save(dataclasses.asdict(state), file)
             file.flush()
             os.fsync(file.fileno())
-        metadata = CheckpointMetadata(epoch=state.epoch, global_step=state.global_step, score=score)
+        metadata = CheckpointMetadata(
+            epoch=state.epoch, global_step=state.global_step, score=score, sha256=_file_digests(staging)
+        )
         _write_synced(staging / METADATA_FILE, json.dumps(_metadata_to_dict(metadata), indent=2))
         _fsync_directory(staging)
         _replace_directory(staging, directory)
@@ -198,8 +214,9 @@ def load_checkpoint(directory: str | Path, map_location: str | torch.device = "c
     """The training state of a folder written by :func:`save_checkpoint`; weights only, no code runs.
 
     Raises CheckpointNotFoundError when the folder is not a complete checkpoint and
-    :class:`CorruptCheckpointError` when ``state.pt`` is truncated (e.g. a copy into storage cut short
-    by a crash), rather than loading part of a state.
+    :class:`CorruptCheckpointError` when a file's sha256 differs from the one recorded at save time or
+    ``state.pt`` is truncated (e.g. a copy into storage cut short by a crash), rather than loading part
+    of a state.
     """
     payload = _load_tensors(require_checkpoint(directory) / STATE_FILE, map_location)
     return TrainingState(
@@ -213,7 +230,8 @@ def load_checkpoint(directory: str | Path, map_location: str | torch.device = "c
 
 
 def load_model_weights(directory: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """The model's state dict from a checkpoint folder (its ``model/`` bundle), weights only."""
+    """The model's state dict from a checkpoint folder (its ``model/`` bundle), weights only, after the
+    same checks as :func:`load_checkpoint`."""
     return _load_tensors(model_dir(require_checkpoint(directory)) / WEIGHTS_FILE, map_location)
 
 
@@ -223,16 +241,53 @@ def model_dir(directory: str | Path) -> Path:
 
 
 def require_checkpoint(directory: str | Path) -> Path:
-    """``directory`` if it holds a complete checkpoint (``state.pt`` and the model bundle's weights),
-    else a CheckpointNotFoundError naming the folder and what is missing."""
+    """``directory`` if it holds a complete, intact checkpoint, else a CheckpointNotFoundError naming the
+    folder and what is missing (``state.pt``, the model bundle's weights, or a file ``metadata.json``
+    lists), or a :class:`CorruptCheckpointError` naming the file whose sha256 differs from the recorded
+    one. A checkpoint without recorded digests (written before they existed) is not checked."""
     directory = Path(directory)
-    for needed in (STATE_FILE, f"{MODEL_DIR}/{WEIGHTS_FILE}"):
+    expected = _recorded_digests(directory)
+    for needed in (STATE_FILE, f"{MODEL_DIR}/{WEIGHTS_FILE}", *sorted(expected)):
         if not (directory / needed).is_file():
             raise CheckpointNotFoundError(
                 f"{directory} is not a knet training checkpoint: {needed} is missing. Pass the folder of "
                 f"a checkpoint written by `knet run` (it holds {MODEL_DIR}/, {STATE_FILE} and {METADATA_FILE})."
             )
+    for relative, recorded in sorted(expected.items()):
+        actual = _sha256(directory / relative)
+        if actual != recorded:
+            raise CorruptCheckpointError(
+                f"{directory / relative} is truncated or damaged: its sha256 is {actual}, but {METADATA_FILE} "
+                f"recorded {recorded} when the checkpoint was saved. Resume from another checkpoint folder."
+            )
     return directory
+
+
+def _recorded_digests(directory: Path) -> dict[str, str]:
+    """The digests ``metadata.json`` recorded; empty when there is no metadata or it has no digests."""
+    if not (directory / METADATA_FILE).is_file():
+        return {}
+    try:
+        return dict(read_checkpoint_metadata(directory).sha256 or {})
+    except (ValueError, KeyError, TypeError) as error:  # JSONDecodeError is a ValueError
+        raise CorruptCheckpointError(
+            f"{directory / METADATA_FILE} is truncated or damaged ({error!r}), so the checkpoint's files "
+            "cannot be checked. Resume from another checkpoint folder."
+        ) from error
+
+
+def _file_digests(folder: Path) -> dict[str, str]:
+    """The sha256 of every file below ``folder`` (the staging folder of a save), by relative path."""
+    return {
+        path.relative_to(folder).as_posix(): _sha256(path)
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and path != folder / METADATA_FILE
+    }
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
 
 
 def _load_tensors(path: Path, map_location: str | torch.device) -> Any:
@@ -245,7 +300,8 @@ def _load_tensors(path: Path, map_location: str | torch.device) -> Any:
 
 
 def read_checkpoint_metadata(directory: str | Path) -> CheckpointMetadata:
-    """The epoch, step and score of a checkpoint folder, from its ``metadata.json`` (no torch load)."""
+    """The epoch, step, score and file digests of a checkpoint folder, from its ``metadata.json`` (no
+    torch load); ``sha256`` is None for a checkpoint saved before digests were recorded."""
     path = Path(directory) / METADATA_FILE
     if not path.is_file():
         raise FileNotFoundError(
@@ -258,6 +314,9 @@ def read_checkpoint_metadata(directory: str | Path) -> CheckpointMetadata:
         epoch=int(raw["epoch"]),
         global_step=int(raw["global_step"]),
         score=CheckpointScore(score["metric"], score["mode"], score["value"]) if score else None,
+        sha256={str(name): str(digest) for name, digest in raw["sha256"].items()}
+        if raw.get("sha256")
+        else None,
     )
 
 

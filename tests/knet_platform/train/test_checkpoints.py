@@ -4,6 +4,7 @@ short or failed, hold no pickled objects, and round-trip every worker's RNG stat
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -31,6 +32,7 @@ from knet_platform.train.checkpoints import (
     load_model_weights,
     model_dir,
     read_checkpoint_metadata,
+    require_checkpoint,
     restore_rng_state,
     rng_state_for_rank,
     save_checkpoint,
@@ -103,6 +105,7 @@ def test_metadata_records_the_epoch_step_and_the_ranking_metric_in_plain_json(tm
     assert metadata.score == CheckpointScore(metric="val/pq", mode="max", value=41.25)
     # readable without torch, e.g. in the MLflow artifact browser
     raw = json.loads((folder / METADATA_FILE).read_text())
+    raw.pop("sha256")  # the file digests: see test_metadata_lists_the_sha256_of_every_file_of_the_checkpoint
     assert raw == {"epoch": 2, "global_step": 6, "score": {"metric": "val/pq", "mode": "max", "value": 41.25}}
 
 
@@ -229,6 +232,7 @@ def test_a_failed_write_keeps_the_previous_checkpoint_and_leaves_no_temp_folder(
 
 def test_loading_refuses_pickled_objects(tmp_path: Path) -> None:
     folder = _save(tmp_path / "ckpt", 1)
+    _drop_digests(folder)  # else the changed state.pt is refused by its digest before any load
     torch.save({"optimizer": nn.Linear(2, 2)}, folder / STATE_FILE)  # a whole module, i.e. arbitrary code
     with pytest.raises(Exception, match="Weights only load failed"):
         load_checkpoint(folder)
@@ -244,3 +248,74 @@ def test_a_folder_missing_a_part_is_refused_naming_the_folder_and_the_part(
         CheckpointNotFoundError, match=rf"{folder} is not a knet training checkpoint: {missing}"
     ):
         load_checkpoint(folder)
+
+
+def _drop_digests(folder: Path) -> None:
+    """Make ``folder`` look like a checkpoint written before checkpoints carried file digests."""
+    raw = json.loads((folder / METADATA_FILE).read_text())
+    del raw["sha256"]
+    (folder / METADATA_FILE).write_text(json.dumps(raw))
+
+
+def test_a_state_file_with_4_kb_zeroed_in_the_middle_is_refused_naming_it_and_both_digests(
+    tmp_path: Path,
+) -> None:
+    folder = save_checkpoint(
+        tmp_path / "ckpt", _state(epoch=1, model=nn.Linear(256, 256)), write_model=_weights(nn.Linear(4, 2))
+    )
+    state_path = folder / STATE_FILE
+    data = bytearray(state_path.read_bytes())
+    middle = len(data) // 2
+    data[middle - 2048 : middle + 2048] = bytes(4096)
+    state_path.write_bytes(bytes(data))
+    recorded = read_checkpoint_metadata(folder).sha256[STATE_FILE]
+    actual = hashlib.sha256(bytes(data)).hexdigest()
+    with pytest.raises(CorruptCheckpointError) as refused:
+        load_checkpoint(folder)
+    message = str(refused.value)
+    assert f"{state_path} is truncated or damaged" in message
+    assert recorded in message and actual in message
+    assert "Resume from another checkpoint folder" in message
+
+
+@pytest.mark.parametrize("load", [load_model_weights, require_checkpoint])
+def test_a_flipped_byte_in_the_model_weights_is_refused_when_loading_the_weights_or_requiring_the_folder(
+    tmp_path: Path, load: object
+) -> None:
+    folder = _save(tmp_path / "ckpt", 1)
+    weights_path = model_dir(folder) / "weights.pt"
+    data = bytearray(weights_path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights_path.write_bytes(bytes(data))
+    with pytest.raises(CorruptCheckpointError, match=rf"{weights_path} is truncated or damaged: its sha256"):
+        load(folder)
+
+
+def test_metadata_lists_the_sha256_of_every_file_of_the_checkpoint(tmp_path: Path) -> None:
+    folder = save_checkpoint(tmp_path / "ckpt", _state(epoch=1), write_model=tiny_bundle)
+    digests = json.loads((folder / METADATA_FILE).read_text())["sha256"]
+    files = sorted(
+        path.relative_to(folder).as_posix()
+        for path in folder.rglob("*")
+        if path.is_file() and path.name != METADATA_FILE
+    )
+    assert STATE_FILE in files and "model/weights.pt" in files and "model/model_config.json" in files
+    assert sorted(digests) == files
+    for name, digest in digests.items():
+        assert digest == hashlib.sha256((folder / name).read_bytes()).hexdigest(), name
+    assert read_checkpoint_metadata(folder).sha256 == digests
+
+
+def test_a_checkpoint_whose_metadata_has_no_digests_still_loads_unchecked(tmp_path: Path) -> None:
+    folder = _save(tmp_path / "ckpt", 3, score=CheckpointScore("val/pq", "max", 10.0))
+    _drop_digests(folder)
+    assert read_checkpoint_metadata(folder).sha256 is None
+    assert load_checkpoint(folder).epoch == 3 and load_model_weights(folder).keys() == {"weight", "bias"}
+    assert require_checkpoint(folder) == folder
+
+
+def test_a_file_listed_in_the_metadata_but_missing_is_refused_naming_it(tmp_path: Path) -> None:
+    folder = save_checkpoint(tmp_path / "ckpt", _state(epoch=1), write_model=tiny_bundle)
+    (model_dir(folder) / "inference.json").unlink()
+    with pytest.raises(CheckpointNotFoundError, match="model/inference.json is missing"):
+        require_checkpoint(folder)
