@@ -13,12 +13,14 @@ one ``knet.errors.KnetInputError`` (a ``ValueError``) naming the file(s); nothin
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
 from PIL import Image
+from pycocotools import mask as mask_utils
 
 from knet.errors import KnetInputError, KnetInputNotFoundError
 from knet.evaluation.instance import coco_mask_metrics
@@ -94,27 +96,148 @@ def _evaluate_instance(gt_json: Path, pred_json: Path) -> dict[str, float | dict
             f"{pred_json} is not a COCO results JSON: expected a list of "
             "{image_id, category_id, segmentation, score} entries, found a JSON object"
         )
-    image_ids = {image["id"] for image in gt_data["images"]}
-    category_ids = {category["id"] for category in gt_data["categories"]}
+    image_sizes = {_int_id(image["id"]): _image_size(image) for image in gt_data["images"]}
+    category_ids = {_int_id(category["id"]) for category in gt_data["categories"]}
     for index, entry in enumerate(results):
-        if not isinstance(entry, dict):
-            raise KnetInputError(
-                f"{pred_json}: result {index} is a JSON {type(entry).__name__}, not an object"
-            )
-        missing = [k for k in ("image_id", "category_id", "segmentation", "score") if k not in entry]
-        if missing:
-            raise KnetInputError(f"{pred_json}: result {index} lacks {', '.join(missing)}")
-        if entry["image_id"] not in image_ids:
-            raise KnetInputError(
-                f"{pred_json}: result {index} has image_id {entry['image_id']}, which is not among the "
-                f"images of {gt_json}"
-            )
-        if entry["category_id"] not in category_ids:
-            raise KnetInputError(
-                f"{pred_json}: result {index} has category_id {entry['category_id']}, which is not among "
-                f"the categories of {gt_json} (COCOeval would silently ignore it)"
-            )
-    return coco_mask_metrics(gt_data, results)
+        _check_result(entry, f"{pred_json}: result {index}", image_sizes, category_ids, gt_json)
+    return coco_mask_metrics(gt_data, [_with_compressed_rle(entry, image_sizes) for entry in results])
+
+
+def _with_compressed_rle(entry: dict, image_sizes: dict[object, tuple[int, int] | None]) -> dict:
+    """A checked result whose segmentation is a compressed RLE: COCOeval's ``loadRes`` takes only
+    that, and crashes on the polygons or uncompressed RLE the COCO results format also allows."""
+    segmentation = entry["segmentation"]
+    if isinstance(segmentation, dict) and isinstance(segmentation["counts"], str):
+        return entry
+    if isinstance(segmentation, list):
+        height, width = image_sizes[entry["image_id"]] or (0, 0)
+        rle = mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
+    else:
+        rle = mask_utils.frPyObjects(segmentation, *segmentation["size"])
+    return entry | {"segmentation": {"size": rle["size"], "counts": rle["counts"].decode()}}
+
+
+def _int_id(value: object) -> object:
+    """A ground-truth id as a set key: unhashable ids (a list) become their repr, never matching."""
+    return value if isinstance(value, (int, str, float)) else repr(value)
+
+
+def _image_size(image: dict) -> tuple[int, int] | None:
+    """(height, width) of a ground-truth image entry, None when it does not state both as integers."""
+    height, width = image.get("height"), image.get("width")
+    if _is_int(height) and _is_int(width):
+        return height, width
+    return None
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_result(
+    entry: object,
+    where: str,
+    image_sizes: dict[object, tuple[int, int] | None],
+    category_ids: set[object],
+    gt_json: Path,
+) -> None:
+    """One COCO result entry is well-formed; else ``KnetInputError`` starting with ``where``.
+
+    COCOeval trusts its input: a NaN score sorts anywhere, an RLE of garbage characters decodes to some
+    mask, a list id raises a bare ``TypeError``. So every field is checked before scoring.
+    """
+    if not isinstance(entry, dict):
+        raise KnetInputError(f"{where} is a JSON {type(entry).__name__}, not an object")
+    missing = [k for k in ("image_id", "category_id", "segmentation", "score") if k not in entry]
+    if missing:
+        raise KnetInputError(f"{where} lacks {', '.join(missing)}")
+    for key in ("image_id", "category_id"):
+        if not _is_int(entry[key]):
+            raise KnetInputError(f"{where}: {key} must be an integer, found {json.dumps(entry[key])}")
+    if entry["image_id"] not in image_sizes:
+        raise KnetInputError(
+            f"{where} has image_id {entry['image_id']}, which is not among the images of {gt_json}"
+        )
+    if entry["category_id"] not in category_ids:
+        raise KnetInputError(
+            f"{where} has category_id {entry['category_id']}, which is not among "
+            f"the categories of {gt_json} (COCOeval would silently ignore it)"
+        )
+    score = entry["score"]
+    if not isinstance(score, (int, float)) or isinstance(score, bool) or not math.isfinite(score):
+        raise KnetInputError(f"{where}: score must be a finite number, found {json.dumps(score)}")
+    problem = _segmentation_problem(entry["segmentation"], image_sizes[entry["image_id"]])
+    if problem:
+        raise KnetInputError(f"{where} (image_id {entry['image_id']}): segmentation {problem}")
+
+
+def _segmentation_problem(segmentation: object, size: tuple[int, int] | None) -> str | None:
+    """What is wrong with a COCO segmentation (RLE or polygons) of an image of ``size``, or None."""
+    if isinstance(segmentation, list):
+        if size is None:
+            return "is a polygon list, but the ground-truth image states no height/width"
+        polygons_ok = all(
+            isinstance(polygon, list)
+            and len(polygon) >= 6
+            and len(polygon) % 2 == 0
+            and all(_is_finite_number(v) for v in polygon)
+            for polygon in segmentation
+        )
+        return None if polygons_ok else "must be a list of polygons [x0, y0, x1, y1, ...] of >= 3 points"
+    if not isinstance(segmentation, dict) or not {"size", "counts"} <= set(segmentation):
+        return f"must be an RLE {{size, counts}} or a polygon list, found {json.dumps(segmentation)[:60]}"
+    rle_size = segmentation["size"]
+    if not (
+        isinstance(rle_size, list) and len(rle_size) == 2 and all(_is_int(v) and v >= 0 for v in rle_size)
+    ):
+        return f"size must be [height, width], found {json.dumps(rle_size)}"
+    if size is not None and tuple(rle_size) != size:
+        return f"size {rle_size} differs from the image's [height, width] {list(size)}"
+    counts = segmentation["counts"]
+    if isinstance(counts, str):
+        runs = _rle_string_runs(counts)
+        if runs is None:
+            return "counts is not a COCO compressed RLE string (characters '0'..'o', as pycocotools writes)"
+    elif isinstance(counts, list) and all(_is_int(v) for v in counts):
+        runs = counts
+    else:
+        return "counts must be a compressed RLE string or a list of integer run lengths"
+    if any(run < 0 for run in runs) or sum(runs) != rle_size[0] * rle_size[1]:
+        return f"counts runs sum to {sum(runs)}, not height * width = {rle_size[0] * rle_size[1]}"
+    return None
+
+
+def _is_finite_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _rle_string_runs(counts: str) -> list[int] | None:
+    """Run lengths of a COCO compressed RLE string (pycocotools' ``rleFrString``), None if malformed.
+
+    pycocotools decodes any bytes without complaint, so a corrupt string silently becomes some mask.
+    Each run is 5-bit groups (char - 48) with a continuation bit 0x20 and a sign bit 0x10 on the last;
+    from the third run on, a run is stored as the difference to the run two before.
+    """
+    runs: list[int] = []
+    position = 0
+    while position < len(counts):
+        value, shift, more = 0, 0, True
+        while more:
+            if position >= len(counts):
+                return None  # the string ends inside a run
+            code = ord(counts[position]) - 48
+            if not 0 <= code < 64:
+                return None
+            value |= (code & 0x1F) << shift
+            more = bool(code & 0x20)
+            position += 1
+            shift += 5
+            if not more and code & 0x10:
+                value |= -1 << shift
+        if len(runs) > 2:
+            value += runs[-2]
+        runs.append(value)
+    return runs
 
 
 def _evaluate_panoptic(
@@ -136,8 +259,8 @@ def _evaluate_panoptic(
         class_names=[c.get("name", str(c["id"])) for c in categories],
     )
     for json_file, data in ((gt_json, gt_data), (pred_json, pred_data)):
-        for ann in data["annotations"]:
-            _check_annotation(ann, json_file)
+        for index, ann in enumerate(data["annotations"]):
+            _check_annotation(ann, f"{json_file}: annotation {index}")
     predictions = {ann["image_id"]: ann for ann in pred_data["annotations"]}
     for gt_ann in gt_data["annotations"]:
         pred_ann = predictions.get(gt_ann["image_id"])
@@ -161,19 +284,35 @@ def _evaluate_panoptic(
     return evaluator.evaluate()
 
 
-def _check_annotation(ann: object, json_file: Path) -> None:
-    """A panoptic annotation entry has image_id, file_name and segments_info with id + category_id."""
+def _check_annotation(ann: object, where: str) -> None:
+    """A panoptic annotation entry has an integer image_id, a string file_name and a segments_info
+    list of objects with integer id and category_id; else ``KnetInputError`` starting with ``where``
+    (the file and the entry's index), so no malformed entry reaches the scoring as a traceback."""
     if not isinstance(ann, dict) or not {"image_id", "file_name", "segments_info"} <= set(ann):
-        found = ", ".join(sorted(ann)) if isinstance(ann, dict) else type(ann).__name__
+        found = ", ".join(sorted(ann)) if isinstance(ann, dict) else f"a JSON {type(ann).__name__}"
         raise KnetInputError(
-            f"{json_file}: an annotation lacks image_id/file_name/segments_info (found: {found}); "
-            "it is not a COCO panoptic JSON"
+            f"{where} lacks image_id/file_name/segments_info (found: {found}); it is not a COCO panoptic JSON"
         )
-    for segment in ann["segments_info"]:
+    if not _is_int(ann["image_id"]):
+        raise KnetInputError(f"{where}: image_id must be an integer, found {json.dumps(ann['image_id'])}")
+    where = f"{where} (image_id {ann['image_id']})"
+    if not isinstance(ann["file_name"], str) or not ann["file_name"]:
+        raise KnetInputError(
+            f"{where}: file_name must be the PNG's name (a string), found {json.dumps(ann['file_name'])}"
+        )
+    if not isinstance(ann["segments_info"], list):
+        raise KnetInputError(
+            f"{where}: segments_info must be a list (empty for no segment), found "
+            f"{json.dumps(ann['segments_info'])[:60]}"
+        )
+    for index, segment in enumerate(ann["segments_info"]):
         if not isinstance(segment, dict) or not {"id", "category_id"} <= set(segment):
-            raise KnetInputError(
-                f"{json_file}: a segment of image_id {ann['image_id']} lacks id/category_id: {segment}"
-            )
+            raise KnetInputError(f"{where}: segment {index} lacks id/category_id: {segment}")
+        for key in ("id", "category_id"):
+            if not _is_int(segment[key]):
+                raise KnetInputError(
+                    f"{where}: segment {index} {key} must be an integer, found {json.dumps(segment[key])}"
+                )
 
 
 def _labels(
@@ -192,10 +331,16 @@ def _read_png_ids(png: Path, json_file: Path) -> np.ndarray:
     if not png.is_file():
         raise KnetInputNotFoundError(f"PNG {png} listed in {json_file} does not exist")
     try:
-        rgb = np.asarray(Image.open(png).convert("RGB"))
+        image = Image.open(png)
+        image.load()
     except (OSError, SyntaxError, ValueError) as error:
         raise KnetInputError(f"cannot decode PNG {png} (listed in {json_file}): {error}") from None
-    return rgb_to_ids(rgb)
+    if image.mode.startswith("I") or image.mode == "F":  # convert("RGB") would clip ids to 255
+        raise KnetInputError(
+            f"PNG {png} (listed in {json_file}) is a {image.mode} (16-bit or float) image: "
+            "segment ids must be 8-bit RGB (id = R + 256 G + 256^2 B)"
+        )
+    return rgb_to_ids(np.asarray(image.convert("RGB")))
 
 
 def _segment_rows(
