@@ -286,8 +286,11 @@ def _file_digests(folder: Path) -> dict[str, str]:
 
 
 def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()  # read in chunks (hashlib.file_digest needs Python 3.11)
     with open(path, "rb") as file:
-        return hashlib.file_digest(file, "sha256").hexdigest()
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _load_tensors(path: Path, map_location: str | torch.device) -> Any:
