@@ -52,15 +52,59 @@ def open_pil(source: str | Path | bytes, *, name: str) -> Image.Image:
     return image
 
 
+# Integer modes PIL gives a >8-bit single-channel image (a 16-bit PNG opens as "I;16"). Their
+# ``convert("RGB")`` clips every value above 255 to white, so they are scaled here instead.
+_WIDE_GRAY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def read_rgb(source: str | Path | bytes, *, name: str | None = None) -> np.ndarray:
+    """Any image file or encoded bytes -> uint8 (h, w, 3) RGB: the one image decoder of knet.
+
+    16-bit grayscale (PIL modes ``I;16*``, ``I``) keeps its high byte (``value >> 8``), so a 16-bit
+    PNG reads as the 8-bit image it shows rather than PIL's default of all-white; 16-bit RGB(A) PNGs
+    PIL already reduces to 8 bits. A mode with no meaningful 8-bit RGB view (float, 32-bit values
+    beyond 16 bits) is a ``DataError`` naming ``name`` (default: the path) rather than a wrong image.
+    """
+    if name is None:
+        name = "<image bytes>" if isinstance(source, bytes) else str(source)
+    image = open_pil(source, name=name)
+    if image.mode in _WIDE_GRAY_MODES:
+        gray = _gray16_to_uint8(np.asarray(image), image.mode, name=name)  # (h, w)
+        return np.repeat(gray[..., None], 3, axis=-1)  # (h, w) -> (h, w, 3)
+    if image.mode == "F":
+        raise DataError(
+            f"image {name} has float pixels (PIL mode F), which knet cannot read as RGB: "
+            "save it as an 8-bit or 16-bit PNG/JPEG"
+        )
+    return np.array(image.convert("RGB"), dtype=np.uint8)  # (h, w, 3)
+
+
+def _gray16_to_uint8(values: np.ndarray, mode: str, *, name: str) -> np.ndarray:
+    """16-bit grey levels (h, w) -> uint8 (h, w) by their high byte; ``DataError`` if beyond 16 bits."""
+    values = values.astype(np.int64)
+    if values.size and (values.min() < 0 or values.max() > 65535):
+        raise DataError(
+            f"image {name} has pixel values in [{values.min()}, {values.max()}] (PIL mode {mode}), "
+            "outside the 16-bit range knet reads: save it as an 8-bit or 16-bit PNG"
+        )
+    return (values >> 8).astype(np.uint8)
+
+
 def decode_rgb(source: str | Path | bytes, *, name: str) -> torch.Tensor:
-    """Image -> uint8 (3, h, w) RGB."""
-    array = np.asarray(open_pil(source, name=name).convert("RGB"))  # (h, w, 3)
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()  # (h, w, 3) -> (3, h, w)
+    """Image -> uint8 (3, h, w) RGB (``read_rgb``, channels first for the model)."""
+    array = read_rgb(source, name=name)  # (h, w, 3)
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()  # (h, w, 3) -> (3, h, w)
 
 
 def decode_panoptic_ids(source: str | Path | bytes, *, name: str) -> torch.Tensor:
     """COCO panoptic PNG -> int64 (h, w) segment ids, id = R + 256 G + 256^2 B."""
-    rgb = np.asarray(open_pil(source, name=name).convert("RGB")).astype(np.int64)  # (h, w, 3)
+    image = open_pil(source, name=name)
+    if image.mode in (*_WIDE_GRAY_MODES, "F"):
+        raise DataError(
+            f"panoptic PNG {name} is a {image.mode} (16-bit or float) image: segment ids must be "
+            "8-bit RGB (id = R + 256 G + 256^2 B)"
+        )
+    rgb = np.asarray(image.convert("RGB")).astype(np.int64)  # (h, w, 3)
     return torch.from_numpy(rgb[..., 0] + 256 * rgb[..., 1] + 256 * 256 * rgb[..., 2])
 
 
