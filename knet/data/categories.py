@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from knet.data.errors import DataError
+from knet.data.io import require_entry, require_field
 
 
 @dataclass(frozen=True)
@@ -83,12 +85,19 @@ class CategoryTable:
 
     @classmethod
     def from_coco(
-        cls, categories: Iterable[Mapping[str, Any]], *, default_isthing: bool = True
+        cls, categories: Any, *, default_isthing: bool = True, file: str | Path = "the categories list"
     ) -> CategoryTable:
-        """From a COCO ``categories`` list (``isthing`` missing -> ``default_isthing``)."""
+        """From a COCO ``categories`` list (``isthing`` missing -> ``default_isthing``).
+
+        Each entry needs an integer ``id``; ``name`` (string) and ``isthing`` (0/1 or boolean) are
+        optional. A malformed entry is a ``DataError`` naming ``file``, the entry and the field, rather
+        than a ``KeyError: 'id'`` from deep inside.
+        """
+        if not isinstance(categories, (list, tuple)):
+            raise DataError(f"{file}: 'categories' must be a list, found {type(categories).__name__}")
         return cls(
-            Category(int(c["id"]), str(c.get("name", c["id"])), bool(c.get("isthing", default_isthing)))
-            for c in categories
+            _coco_category(entry, default_isthing, file=file, where=f"categories[{index}]")
+            for index, entry in enumerate(categories)
         )
 
     def to_dict(self) -> list[dict[str, Any]]:
@@ -98,3 +107,15 @@ class CategoryTable:
     @classmethod
     def from_dict(cls, data: Iterable[Mapping[str, Any]]) -> CategoryTable:
         return cls.from_coco(data)
+
+
+def _coco_category(entry: Any, default_isthing: bool, *, file: str | Path, where: str) -> Category:
+    """One COCO ``categories`` entry -> ``Category``; ``DataError`` naming the entry and field."""
+    entry = require_entry(entry, path=file, where=where)
+    dataset_id = require_field(entry, "id", int, path=file, where=where)
+    where = f"{where} (id {dataset_id})"
+    name = require_field(entry, "name", str, path=file, where=where, optional=True)
+    isthing = entry.get("isthing", default_isthing)
+    if isthing not in (0, 1):  # True/False compare equal to 1/0
+        raise DataError(f"{file}: {where} field 'isthing' must be 0 or 1, found {isthing!r}")
+    return Category(dataset_id, str(dataset_id) if name is None else name, bool(isthing))

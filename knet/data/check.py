@@ -12,6 +12,7 @@ import fsspec
 
 from knet.data.config import DataSource
 from knet.data.errors import DataError
+from knet.data.io import require_entry, require_field, require_list
 from knet.data.parquet import MANIFEST
 from knet.data.readers import open_reader
 
@@ -44,26 +45,35 @@ def _find_dir(bases: list[Path], file_name: str, exclude: Path | None = None) ->
 def _coco_source(json_path: Path) -> DataSource:
     try:
         data = json.loads(json_path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
         raise DataError(f"{json_path} is not readable JSON: {error}") from None
     if not isinstance(data, dict) or not {"images", "annotations", "categories"} <= set(data):
         raise DataError(f"{json_path} is not a COCO JSON (needs images, annotations, categories)")
-    if not data["images"]:
+    images_list = require_list(data, "images", path=json_path)
+    annotations = require_list(data, "annotations", path=json_path)
+    if not images_list:
         raise DataError(f"{json_path} lists no images: the dataset is empty")
+    first_image = require_field(
+        require_entry(images_list[0], path=json_path, where="images[0]"),
+        "file_name",
+        str,
+        path=json_path,
+        where="images[0]",
+    )
     bases = [json_path.parent, json_path.parent.parent]
-    panoptic = any("segments_info" in a for a in data["annotations"][:1])
+    panoptic = bool(annotations) and isinstance(annotations[0], dict) and "segments_info" in annotations[0]
     masks = None
     if panoptic:
-        first_png = data["annotations"][0]["file_name"]
+        first_png = require_field(annotations[0], "file_name", str, path=json_path, where="annotations[0]")
         masks = json_path.parent / json_path.stem
         if not (masks / first_png).is_file():
             masks = _find_dir(bases, first_png)
         if masks is None:
             raise DataError(f"{json_path}: cannot find the folder holding its panoptic PNG {first_png}")
-    images = _find_dir(bases, data["images"][0]["file_name"], exclude=masks)
+    images = _find_dir(bases, first_image, exclude=masks)
     if images is None:
         raise DataError(
-            f"{json_path}: cannot find the folder holding its image {data['images'][0]['file_name']} "
+            f"{json_path}: cannot find the folder holding its image {first_image} "
             f"within {_MAX_DEPTH} levels of {bases[-1]}"
         )
     if panoptic:

@@ -39,6 +39,50 @@ def require_keys(data: dict[str, Any], keys: tuple[str, ...], *, path: str | Pat
         )
 
 
+def require_list(data: dict[str, Any], key: str, *, path: str | Path) -> list[Any]:
+    """``data[key]`` as a list; ``DataError`` naming the file and the key when it is anything else."""
+    value = data[key]
+    if not isinstance(value, list):
+        raise DataError(f"{path}: '{key}' must be a list, found {_json_type(value)}")
+    return value
+
+
+def require_entry(entry: Any, *, path: str | Path, where: str) -> dict[str, Any]:
+    """One entry of a JSON list as an object; ``where`` names it (``images[3]``) in the error."""
+    if not isinstance(entry, dict):
+        raise DataError(f"{path}: {where} must be a JSON object, found {_json_type(entry)}")
+    return entry
+
+
+def require_field(
+    entry: dict[str, Any], key: str, kind: type, *, path: str | Path, where: str, optional: bool = False
+) -> Any:
+    """``entry[key]`` of JSON type ``kind`` (``int`` excludes booleans); ``DataError`` naming the file,
+    the entry and the field when it is missing or of another type. ``optional``: missing -> None."""
+    if key not in entry:
+        if optional:
+            return None
+        raise DataError(f"{path}: {where} lacks the field '{key}'")
+    value = entry[key]
+    if optional and value is None:
+        return None
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        expected = {int: "an integer", str: "a string", list: "a list", dict: "an object"}.get(
+            kind, kind.__name__
+        )
+        raise DataError(f"{path}: {where} field '{key}' must be {expected}, found {_json_type(value)}")
+    return value
+
+
+def _json_type(value: Any) -> str:
+    """How a JSON value reads in an error: its type and a short excerpt."""
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "an integer"}
+    if value is None:
+        return "null"
+    text = json.dumps(value) if isinstance(value, (dict, list, str, int, float)) else repr(value)
+    return f"{names.get(type(value), type(value).__name__)} {text[:40]}"
+
+
 def open_pil(source: str | Path | bytes, *, name: str) -> Image.Image:
     """Open and fully decode an image (path or encoded bytes); ``DataError`` naming ``name``."""
     try:

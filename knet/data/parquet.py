@@ -27,7 +27,7 @@ from pycocotools import mask as mask_utils
 from knet.data.categories import CategoryTable
 from knet.data.config import DataSource
 from knet.data.errors import DataError
-from knet.data.io import decode_rgb
+from knet.data.io import decode_rgb, require_entry, require_field, require_list
 from knet.data.readers import Reader, Sample, open_reader
 from knet.errors import KnetInputError
 
@@ -178,17 +178,37 @@ def load_manifest(uri: str) -> Manifest:
         raise DataError(f"Parquet manifest not found: {_join(str(uri), MANIFEST)}") from None
     except json.JSONDecodeError as error:
         raise DataError(f"Parquet manifest {_join(str(uri), MANIFEST)} is not JSON: {error}") from None
-    if data.get("format") != FORMAT_TAG or "shards" not in data or "categories" not in data:
+    if (
+        not isinstance(data, dict)
+        or data.get("format") != FORMAT_TAG
+        or not {"shards", "categories"} <= set(data)
+    ):
         raise DataError(
             f"{_join(str(uri), MANIFEST)} is not a knet Parquet manifest (format {FORMAT_TAG!r} "
             "with categories and shards); write one with knet.data.pack_dataset"
         )
+    manifest = _join(str(uri), MANIFEST)
+    shards = [
+        _shard_info(entry, path=manifest, where=f"shards[{index}]")
+        for index, entry in enumerate(require_list(data, "shards", path=manifest))
+    ]
+    CategoryTable.from_coco(data["categories"], file=manifest)  # a malformed entry is named here
     return Manifest(
         str(uri),
         data["categories"],
-        [ShardInfo(**s) for s in data["shards"]],
+        shards,
         data["format"],
         reduce_zero_label=bool(data.get("reduce_zero_label", False)),  # absent in older manifests
+    )
+
+
+def _shard_info(entry: Any, *, path: str, where: str) -> ShardInfo:
+    """A manifest ``shards`` entry whose fields have their types; ``DataError`` naming the field."""
+    entry = require_entry(entry, path=path, where=where)
+    return ShardInfo(
+        require_field(entry, "path", str, path=path, where=where),
+        require_field(entry, "num_rows", int, path=path, where=where),
+        require_field(entry, "sha256", str, path=path, where=where),
     )
 
 

@@ -10,6 +10,7 @@ count. What only decoding can find (a corrupt file, a PNG disagreeing with its J
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import defaultdict
 from dataclasses import dataclass
@@ -27,7 +28,10 @@ from knet.data.io import (
     decode_panoptic_ids,
     decode_rgb,
     read_json,
+    require_entry,
+    require_field,
     require_keys,
+    require_list,
 )
 
 log = logging.getLogger(__name__)
@@ -118,11 +122,8 @@ def _coco_images(
     """(entries of the images whose file exists by id, every image id the JSON lists)."""
     images: dict[int, dict[str, Any]] = {}
     listed: set[int] = set()
-    for entry in data["images"]:
-        try:
-            image_id, file_name = int(entry["id"]), str(entry["file_name"])
-        except (KeyError, TypeError, ValueError):
-            raise DataError(f"{path}: an image entry lacks id/file_name: {entry}") from None
+    for index, entry in enumerate(require_list(data, "images", path=path)):
+        image_id, file_name = _image_entry(entry, path=path, where=f"images[{index}]")
         listed.add(image_id)
         if not (image_dir / file_name).is_file():
             skipper(f"image file not found: {image_dir / file_name} (listed in {path})")
@@ -131,12 +132,48 @@ def _coco_images(
     return images, listed
 
 
-def _image_id(ann: Any) -> int | None:
-    """An annotation's integer image_id, or None when it has none."""
-    try:
-        return int(ann["image_id"])
-    except (KeyError, TypeError, ValueError):
-        return None
+def _image_entry(entry: Any, *, path: Path, where: str) -> tuple[int, str]:
+    """(id, file_name) of a COCO ``images`` entry whose fields all have their JSON types."""
+    entry = require_entry(entry, path=path, where=where)
+    image_id = require_field(entry, "id", int, path=path, where=where)
+    where = f"{where} (id {image_id})"
+    file_name = require_field(entry, "file_name", str, path=path, where=where)
+    for key in ("height", "width"):
+        require_field(entry, key, int, path=path, where=where, optional=True)
+    return image_id, file_name
+
+
+def _instance_annotation(ann: Any, *, path: Path, where: str) -> dict[str, Any]:
+    """A COCO instances ``annotations`` entry with an integer image_id and category_id and a
+    segmentation that is a polygon list or an RLE object (its content is checked when decoded)."""
+    ann = require_entry(ann, path=path, where=where)
+    if "id" in ann:
+        where = f"{where} (id {ann['id']})"
+    require_field(ann, "image_id", int, path=path, where=where)
+    require_field(ann, "category_id", int, path=path, where=where)
+    segmentation = ann.get("segmentation")
+    if segmentation is not None and not isinstance(segmentation, (list, dict)):
+        raise DataError(
+            f"{path}: {where} field 'segmentation' must be a polygon list or an RLE object, "
+            f"found {type(segmentation).__name__} {segmentation!r:.40}"
+        )
+    return ann
+
+
+def _panoptic_annotation(ann: Any, *, path: Path, where: str) -> dict[str, Any]:
+    """A COCO panoptic ``annotations`` entry: integer image_id, string file_name, and segments_info a
+    list of objects with integer id and category_id."""
+    ann = require_entry(ann, path=path, where=where)
+    image_id = require_field(ann, "image_id", int, path=path, where=where)
+    where = f"{where} (image_id {image_id})"
+    require_field(ann, "file_name", str, path=path, where=where)
+    segments = require_field(ann, "segments_info", list, path=path, where=where)
+    for index, segment in enumerate(segments):
+        segment_where = f"{where} segments_info[{index}]"
+        segment = require_entry(segment, path=path, where=segment_where)
+        require_field(segment, "id", int, path=path, where=segment_where)
+        require_field(segment, "category_id", int, path=path, where=segment_where)
+    return ann
 
 
 class CocoInstanceReader(Reader):
@@ -146,13 +183,14 @@ class CocoInstanceReader(Reader):
         path = Path(source.annotations)
         data = read_json(path, what="COCO instance annotations")
         require_keys(data, ("images", "annotations", "categories"), path=path, what="COCO instances")
-        self.categories = CategoryTable.from_coco(data["categories"], default_isthing=True)
+        self.categories = CategoryTable.from_coco(data["categories"], default_isthing=True, file=path)
         skipper = _Skipper(source.skip_invalid, str(path))
         images, listed = _coco_images(data, Path(source.images), skipper, path)
         anns: dict[int, list[dict[str, Any]]] = defaultdict(list)
         bad_images: set[int] = set()
-        for ann in data["annotations"]:
-            image_id = _image_id(ann)
+        for index, ann in enumerate(require_list(data, "annotations", path=path)):
+            ann = _instance_annotation(ann, path=path, where=f"annotations[{index}]")
+            image_id = ann["image_id"]
             if image_id not in listed:
                 skipper(
                     f"annotation {ann.get('id')} in {path} has image_id {ann.get('image_id')}, which is "
@@ -212,19 +250,18 @@ class CocoPanopticReader(Reader):
         path = Path(source.annotations)
         data = read_json(path, what="COCO panoptic annotations")
         require_keys(data, ("images", "annotations", "categories"), path=path, what="COCO panoptic")
-        for cat in data["categories"]:
+        self.categories = CategoryTable.from_coco(data["categories"], file=path)
+        for cat in data["categories"]:  # entries are objects with an id: from_coco checked them
             if "isthing" not in cat:
-                raise DataError(f"{path}: panoptic category {cat.get('id')} lacks 'isthing'")
-        self.categories = CategoryTable.from_coco(data["categories"])
+                raise DataError(f"{path}: panoptic category {cat['id']} lacks 'isthing'")
         skipper = _Skipper(source.skip_invalid, str(path))
         images, listed = _coco_images(data, Path(source.images), skipper, path)
         mask_dir = Path(source.masks)
         self.records = []
         annotated: set[int] = set()
-        for ann in data["annotations"]:
-            image_id = _image_id(ann)
-            if "segments_info" not in ann or "file_name" not in ann:
-                raise DataError(f"{path}: annotation for image {image_id} lacks segments_info/file_name")
+        for index, ann in enumerate(require_list(data, "annotations", path=path)):
+            ann = _panoptic_annotation(ann, path=path, where=f"annotations[{index}]")
+            image_id = ann["image_id"]
             if image_id not in listed:
                 skipper(
                     f"panoptic annotation {ann['file_name']} in {path} has image_id {ann.get('image_id')}, "
@@ -384,7 +421,8 @@ class SemanticReader(Reader):
 def _semantic_categories(path: Path) -> list[Category]:
     data = read_json(path, what="semantic categories")
     require_keys(data, ("categories",), path=path, what="semantic categories")
-    return [Category(int(c["id"]), str(c.get("name", c["id"])), False) for c in data["categories"]]
+    table = CategoryTable.from_coco(data["categories"], default_isthing=False, file=path)
+    return [dataclasses.replace(c, isthing=False) for c in table.categories]
 
 
 def _check_same_categories(found: CategoryTable, expected: CategoryTable, file: str) -> None:
