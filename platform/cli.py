@@ -100,9 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.set_defaults(command=_show_config)
 
     predict = commands.add_parser("predict", help="predict images with a model bundle or MLflow model URI")
-    predict.add_argument(
-        "--model", required=True, metavar="URI", help="bundle folder, models:/name@alias or runs:/"
-    )
+    predict.add_argument("--model", required=True, metavar="URI", help=_MODEL_HELP)
     predict.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="image files or folders")
     predict.add_argument("--out", required=True, type=Path, metavar="DIR")
     predict.add_argument("--tracking-uri", help=_TRACKING_URI_HELP)
@@ -114,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.set_defaults(command=_predict)
 
     evaluate = commands.add_parser("eval", help="evaluate a model on an experiment's val set")
-    evaluate.add_argument("--model", required=True, metavar="URI")
+    evaluate.add_argument("--model", required=True, metavar="URI", help=_MODEL_HELP)
     evaluate.add_argument("--tracking-uri", help=_TRACKING_URI_HELP)
     _experiment_args(evaluate)
     evaluate.set_defaults(command=_eval)
@@ -145,6 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_MODEL_HELP = (
+    "bundle folder, or an MLflow model: models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model "
+    "or mlflow-artifacts:/..."
+)
 _TRACKING_URI_HELP = (
     "MLflow store holding the model (default: $MLFLOW_TRACKING_URI, else $KNET_HOME/mlflow.db; "
     "KNET_HOME defaults to ./.knet)"
@@ -250,16 +252,12 @@ def _load_model(args: argparse.Namespace):
     """The bundle ``--model`` names; a URI the tracking store does not hold is the user's error."""
     from knet_platform.serve.predict import load_model
 
-    tracking_uri = _tracking_uri(args)
     try:
-        return load_model(args.model, tracking_uri=tracking_uri)
-    except Exception as error:
-        if getattr(error, "error_code", None) != "RESOURCE_DOES_NOT_EXIST":  # MLflow's "not found"
+        return load_model(args.model, tracking_uri=_tracking_uri(args))
+    except LookupError as error:  # tracking.registry.ModelNotFoundError (without importing MLflow here)
+        if not isinstance(error, KnetUserError):
             raise
-        raise ModelNotFoundError(
-            f"--model {args.model}: {getattr(error, 'message', error)} in the MLflow store "
-            f"{tracking_uri}; pass --tracking-uri, or list the models with `mlflow ui`."
-        ) from error
+        raise ModelNotFoundError(f"--model {error}") from error
 
 
 def _data_synth(args: argparse.Namespace) -> int:

@@ -44,10 +44,10 @@ class TaskPartError(KnetUserError, ValueError):
 
 
 def load_model(model_uri: str | Path, *, tracking_uri: str | None = None) -> ModelBundle:
-    """A bundle from a local folder, or from ``models:/name@alias`` / ``runs:/...`` in the MLflow store
-    (``tracking_uri``, default ``$MLFLOW_TRACKING_URI`` or the local store under ``$KNET_HOME``, as
-    ``knet run`` writes it)."""
-    if "://" not in str(model_uri) and not str(model_uri).startswith("models:"):
+    """A bundle from a local folder, or from ``models:/name@alias``, ``models:/name/<version>``,
+    ``runs:/<run_id>/model`` or ``mlflow-artifacts:/...`` in the MLflow store (``tracking_uri``, default
+    ``$MLFLOW_TRACKING_URI`` or the local store under ``$KNET_HOME``, as ``knet run`` writes it)."""
+    if not is_mlflow_uri(str(model_uri)):
         return load_bundle(model_uri)
     from knet_platform.experiment.home import default_tracking_uri
     from knet_platform.tracking.registry import download_model  # MLflow only when a URI is given
@@ -55,6 +55,15 @@ def load_model(model_uri: str | Path, *, tracking_uri: str | None = None) -> Mod
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
     with tempfile.TemporaryDirectory(prefix="knet-model-") as scratch:
         return load_bundle(download_model(str(model_uri), uri, scratch))
+
+
+MLFLOW_URI_SCHEMES = ("models:", "runs:", "mlflow-artifacts:")
+
+
+def is_mlflow_uri(model_uri: str) -> bool:
+    """Whether ``model_uri`` is read through MLflow (its model URIs, or any ``scheme://``) rather than
+    as a local bundle folder."""
+    return model_uri.startswith(MLFLOW_URI_SCHEMES) or "://" in model_uri
 
 
 def expand_inputs(inputs: list[Path]) -> list[Path]:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 import os
+import re
+import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,7 +21,12 @@ from pathlib import Path
 import mlflow
 import yaml
 from knet_platform.errors import KnetUserError
-from knet_platform.tracking.runs import no_printed_urls_with_secrets
+from knet_platform.redaction import redact_text
+from knet_platform.tracking.runs import (
+    TrackingUnreachableError,
+    check_tracking_reachable,
+    no_printed_urls_with_secrets,
+)
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -89,13 +96,30 @@ def log_and_register(
 
 
 def download_model(model_uri: str, tracking_uri: str, dst: str | Path) -> Path:
-    """Download a logged/registered model (``models:/name@alias``, ``models:/name/3``, ``runs:/...``)
-    into ``dst`` and return its bundle folder (what ``knet.bundle.load_bundle`` reads)."""
+    """Download a logged/registered model (``models:/name@alias``, ``models:/name/3``,
+    ``runs:/<run_id>/model``, ``mlflow-artifacts:/...``) into ``dst`` and return its bundle folder (what
+    ``knet.bundle.load_bundle`` reads).
+
+    Reading only: the store is checked first (a server must answer at once rather than after MLflow's
+    minutes of retries; a local store must already exist, never created empty), and a URI the store
+    does not hold is a ``ModelNotFoundError`` rather than MLflow's exception.
+    """
+    _check_model_uri(model_uri, tracking_uri)
+    check_store_readable(tracking_uri)
     with _store(tracking_uri):
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst)))
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst)))
+        except MlflowException as error:
+            cause = " ".join(str(error.message).strip().splitlines()[:1]) or error.error_code
+            raise ModelNotFoundError(
+                f"{model_uri}: {cause.rstrip('.')} (MLflow store {redact_text(tracking_uri)}). Check the "
+                "model name, version or alias (`mlflow ui` lists them), or pass the store that holds it "
+                "(--tracking-uri)."
+            ) from error
     mlmodel = local / "MLmodel"
     if not mlmodel.is_file():
-        raise NotAKnetModelError(f"{model_uri} is not an MLflow model (no MLmodel file in {local}).")
+        hint = " (a run's model is runs:/<run_id>/model)" if model_uri.startswith("runs:") else ""
+        raise NotAKnetModelError(f"{model_uri} is not an MLflow model (no MLmodel file in {local}){hint}.")
     flavors = yaml.safe_load(mlmodel.read_text()).get("flavors", {})
     artifacts = flavors.get("python_function", {}).get("artifacts", {})
     if "bundle" not in artifacts:
@@ -104,6 +128,54 @@ def download_model(model_uri: str, tracking_uri: str, dst: str | Path) -> Path:
             f"(found {sorted(artifacts)}). Log models with knet_platform.tracking.registry.log_and_register."
         )
     return local / artifacts["bundle"]["path"]
+
+
+MODEL_URI_FORMS = "models:/<name>@<alias>, models:/<name>/<version> or runs:/<run_id>/model"
+_MODELS_URI = re.compile(r"models:/[^/@]+(/[^/@]+|@[^/@]+)/?")
+_RUNS_URI = re.compile(r"runs:/[^/]+(/.*)?")
+
+
+def _check_model_uri(model_uri: str, tracking_uri: str) -> None:
+    """A malformed ``models:/`` or ``runs:/`` URI, or an ``mlflow-artifacts:/`` one without a server,
+    is refused before MLflow is asked (its messages for these are long and name no fix)."""
+    if model_uri.startswith("models:") and not _MODELS_URI.fullmatch(model_uri):
+        raise ModelNotFoundError(f"{model_uri} is not a model URI: write {MODEL_URI_FORMS}")
+    if model_uri.startswith("runs:") and not _RUNS_URI.fullmatch(model_uri):
+        raise ModelNotFoundError(f"{model_uri} is not a run URI: write runs:/<run_id>/model")
+    if model_uri.startswith("mlflow-artifacts:") and not tracking_uri.startswith(("http://", "https://")):
+        raise ModelNotFoundError(
+            f"{model_uri} is served by an MLflow tracking server, but the store is "
+            f"{redact_text(tracking_uri)}: pass the server's URL with --tracking-uri http(s)://..."
+        )
+
+
+def check_store_readable(tracking_uri: str) -> None:
+    """Fail fast when a store a model is to be read from cannot be: a server that does not answer
+    (``check_tracking_reachable``), or a local sqlite file / file-store folder that does not exist
+    (MLflow would create it empty, and then report the model missing)."""
+    if tracking_uri.startswith(("http://", "https://")):
+        check_tracking_reachable(tracking_uri)
+        return
+    local = _local_store_path(tracking_uri)
+    if local is not None and not local.exists():
+        raise TrackingUnreachableError(
+            f"MLflow store {redact_text(tracking_uri)} does not exist ({local} is missing): pass the "
+            "store that holds the model with --tracking-uri (or $MLFLOW_TRACKING_URI), or set KNET_HOME "
+            "to the folder `knet run` wrote to."
+        )
+
+
+def _local_store_path(tracking_uri: str) -> Path | None:
+    """The file of a ``sqlite:///`` store or the folder of a ``file:`` / plain-path store; None for
+    servers, in-memory databases and other schemes."""
+    if tracking_uri.startswith("sqlite:///"):
+        database = tracking_uri[len("sqlite:///") :].split("?", 1)[0]
+        return None if database in ("", ":memory:") else Path(database)
+    if tracking_uri.startswith("file:"):
+        return Path(urllib.parse.urlparse(tracking_uri).path)
+    if ":" not in tracking_uri.split("/", 1)[0] and not tracking_uri.startswith("databricks"):
+        return Path(tracking_uri)  # MLflow reads a plain path as a file store
+    return None
 
 
 @contextmanager
@@ -166,6 +238,10 @@ def _beats_champion(
 
 class NotAKnetModelError(KnetUserError, ValueError):
     """A model URI that names something other than a model logged by :func:`log_and_register`."""
+
+
+class ModelNotFoundError(KnetUserError, LookupError):
+    """A model URI that is malformed, or names a model, version, alias or run the store does not hold."""
 
 
 class MissingRequirementError(KnetUserError, RuntimeError):
