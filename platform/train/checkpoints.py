@@ -29,7 +29,9 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import random
+import re
 import shutil
 import tempfile
 import zipfile
@@ -299,7 +301,16 @@ def _load_tensors(path: Path, map_location: str | torch.device) -> Any:
             f"{path} is truncated or damaged (not a complete torch zip archive): it was not "
             "written by a completed save. Resume from another checkpoint folder."
         )
-    return torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:  # torch's advice (weights_only=False) would run its code
+        found = re.search(r"GLOBAL ([\w.]+)", str(error))
+        held = f": {found.group(1)}" if found else ""
+        raise CorruptCheckpointError(
+            f"{path} is not a safe state dict (it holds pickled Python objects{held}) and was refused; "
+            "knet's checkpoints hold tensors and plain values only: resume from a checkpoint folder "
+            "written by `knet run`, or re-save the file with plain state dicts (tensors only)."
+        ) from None
 
 
 def read_checkpoint_metadata(directory: str | Path) -> CheckpointMetadata:

@@ -234,7 +234,7 @@ def test_loading_refuses_pickled_objects(tmp_path: Path) -> None:
     folder = _save(tmp_path / "ckpt", 1)
     _drop_digests(folder)  # else the changed state.pt is refused by its digest before any load
     torch.save({"optimizer": nn.Linear(2, 2)}, folder / STATE_FILE)  # a whole module, i.e. arbitrary code
-    with pytest.raises(Exception, match="Weights only load failed"):
+    with pytest.raises(CorruptCheckpointError, match="is not a safe state dict"):
         load_checkpoint(folder)
 
 
@@ -319,3 +319,48 @@ def test_a_file_listed_in_the_metadata_but_missing_is_refused_naming_it(tmp_path
     (model_dir(folder) / "inference.json").unlink()
     with pytest.raises(CheckpointNotFoundError, match="model/inference.json is missing"):
         require_checkpoint(folder)
+
+
+def test_a_state_file_holding_pickled_objects_is_refused_naming_it_without_torchs_unsafe_advice(
+    tmp_path: Path,
+) -> None:
+    folder = _save(tmp_path / "ckpt", 1)
+    _drop_digests(folder)
+    state_path = folder / STATE_FILE
+    torch.save({"optimizer": nn.Linear(2, 2)}, state_path)
+    with pytest.raises(CorruptCheckpointError) as caught:
+        load_checkpoint(folder)
+    message = str(caught.value)
+    assert message.splitlines()[0].startswith(
+        f"{state_path} is not a safe state dict (it holds pickled Python objects: "
+        "torch.nn.modules.linear.Linear) and was refused; "
+    )
+    assert "weights_only" not in message and caught.value.__cause__ is None
+
+
+def test_model_weights_holding_pickled_objects_are_refused_naming_the_file(tmp_path: Path) -> None:
+    folder = _save(tmp_path / "ckpt", 1)
+    _drop_digests(folder)
+    weights_path = folder / "model" / "weights.pt"
+    torch.save({"weight": nn.Linear(2, 2)}, weights_path)
+    with pytest.raises(CorruptCheckpointError, match=rf"{weights_path} is not a safe state dict"):
+        load_model_weights(folder)
+
+
+def test_predict_with_a_bundle_whose_weights_hold_pickled_objects_is_one_error_line(
+    tmp_path: Path, capsys
+) -> None:
+    from knet_platform.cli import main
+    from PIL import Image
+
+    bundle = tiny_bundle(tmp_path / "bundle")
+    torch.save({"model": nn.Linear(2, 2)}, bundle / "weights.pt")
+    image = tmp_path / "a.png"
+    Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(image)
+    code = main(["predict", "--model", str(bundle), str(image), "--out", str(tmp_path / "out")])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and errors == [
+        f"error: {bundle / 'weights.pt'} is not a safe state dict (it holds pickled Python objects: "
+        "torch.nn.modules.linear.Linear) and was refused; a bundle's weights are tensors only: write the "
+        "bundle with knet.bundle.save_bundle (knet run does)."
+    ]
