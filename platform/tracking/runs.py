@@ -11,6 +11,7 @@ status. Every param, tag and text that goes to MLflow passes through ``knet_plat
 from __future__ import annotations
 
 import base64
+import fcntl
 import json
 import math
 import os
@@ -116,8 +117,9 @@ def check_tracking_reachable(tracking_uri: str, timeout_s: float = 5.0) -> None:
     """Fail fast, with the fix in the message, when the tracking store cannot be used.
 
     HTTP(S): the server's ``/health`` endpoint must answer (user-info in the URI is sent as basic
-    auth, as MLflow's client does). sqlite / file: the folder must be creatable. The message is one
-    line naming the (masked) URI and the fix.
+    auth, as MLflow's client does). sqlite / file: the folder must be creatable; a sqlite store is
+    also created and migrated now, under a lock (:func:`create_sqlite_store`). The message is one line
+    naming the (masked) URI and the fix.
     """
     shown = redact_text(tracking_uri)
     if tracking_uri.startswith(("http://", "https://")):
@@ -147,6 +149,30 @@ def check_tracking_reachable(tracking_uri: str, timeout_s: float = 5.0) -> None:
                 f"MLflow tracking store {shown} cannot be created ({error}). "
                 "Point tracking.uri at a writable folder."
             ) from error
+        if tracking_uri.startswith("sqlite:"):
+            create_sqlite_store(tracking_uri, local)
+
+
+def create_sqlite_store(tracking_uri: str, db_path: Path) -> None:
+    """Create (or migrate) the sqlite store at ``db_path`` while holding an exclusive ``fcntl.flock`` on
+    ``<db path>.lock``, so that only one process at a time runs MLflow's table creation and migrations.
+
+    Without it, two ``knet run`` started together on a fresh store both find no tables and both run
+    MLflow's alembic migrations, and the store is left broken for good ("Online migration expected to
+    match one row", "table _alembic_tmp_tags already exists"). A process that waited here finds the
+    store migrated and only checks its schema. The lock file stays beside the store (it is empty).
+    """
+    lock_path = db_path.with_name(db_path.name + ".lock")
+    try:
+        with open(lock_path, "a") as lock_file:
+            fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX)  # released when the file is closed
+            # the first store access creates the tables, runs the migrations and the default experiment
+            MlflowClient(tracking_uri=tracking_uri).search_experiments(max_results=1)
+    except OSError as error:
+        raise TrackingUnreachableError(
+            f"MLflow tracking store {redact_text(tracking_uri)} cannot be created ({error}). "
+            "Point tracking.uri at a writable folder."
+        ) from error
 
 
 def ensure_experiment(target: TrackingTarget) -> str:

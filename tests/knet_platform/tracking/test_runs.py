@@ -274,3 +274,61 @@ def test_run_tracked_by_a_real_mlflow_server_proxies_artifacts_registers_and_sto
     assert not leaks, f"the tracking password was written to {leaks}"
     printed = capsys.readouterr().out + summary.render() + summary.mlflow_ui_command
     assert not [line for line in printed.splitlines() if "hunter2" in line]
+
+
+# One `knet run`'s first MLflow calls, started in several processes at once on one fresh sqlite store.
+_FIRST_RUN_ON_A_FRESH_STORE = """
+import sys, time
+from pathlib import Path
+from knet_platform.tracking.runs import TrackingTarget, check_tracking_reachable, create_run, ensure_experiment
+
+uri, artifacts, barrier, index = sys.argv[1:]
+target = TrackingTarget(
+    tracking_uri=uri, artifact_location=artifacts, experiment_name="together", registered_model="together",
+    alias="champion", log_checkpoints="none", storage_path=artifacts,
+)
+Path(barrier, f"ready-{index}").touch()
+while not Path(barrier, "go").exists():  # start every process's first store access at the same moment
+    time.sleep(0.001)
+check_tracking_reachable(uri)
+ensure_experiment(target)
+create_run(target, f"run-{index}")
+"""
+
+
+@pytest.mark.slow  # 4 processes importing MLflow: 15-40 s on 2 cores
+@pytest.mark.mlflow
+def test_runs_started_together_on_a_fresh_sqlite_store_all_succeed_and_leave_it_usable(
+    tmp_path: Path,
+) -> None:
+    """Creating and migrating the store is serialised by a file lock beside it; without the lock the
+    processes race through MLflow's migrations and the store is left broken for good."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}"
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
+    arguments = [uri, (tmp_path / "mlartifacts").as_uri(), str(barrier)]
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", _FIRST_RUN_ON_A_FRESH_STORE, *arguments, str(index)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for index in range(4)
+    ]
+    deadline = time.time() + 120
+    while len(list(barrier.glob("ready-*"))) < len(processes):
+        assert all(process.poll() is None for process in processes), "a process exited before the start"
+        assert time.time() < deadline, "the processes did not get ready in 120 s"
+        time.sleep(0.05)
+    (barrier / "go").touch()
+    outputs = [process.communicate(timeout=120)[0] for process in processes]
+    for process, output in zip(processes, outputs):
+        assert process.returncode == 0, output[-3000:]
+
+    client = MlflowClient(tracking_uri=uri)
+    (experiment,) = [e for e in client.search_experiments() if e.name == "together"]
+    runs = client.search_runs([experiment.experiment_id])
+    assert sorted(run.info.run_name for run in runs) == [f"run-{index}" for index in range(4)]
