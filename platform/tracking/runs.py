@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import fcntl
 import json
+import logging
 import math
 import os
 import platform as std_platform
@@ -161,11 +162,16 @@ def create_sqlite_store(tracking_uri: str, db_path: Path) -> None:
     MLflow's alembic migrations, and the store is left broken for good ("Online migration expected to
     match one row", "table _alembic_tmp_tags already exists"). A process that waited here finds the
     store migrated and only checks its schema. The lock file stays beside the store (it is empty).
+    MLflow's INFO lines about creating the tables are held back, so that an error found next (e.g.
+    nothing to resume) is still the one line a user sees.
     """
     lock_path = db_path.with_name(db_path.name + ".lock")
+    store_logger = logging.getLogger("mlflow.store.db.utils")
+    level = store_logger.level
     try:
         with open(lock_path, "a") as lock_file:
             fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX)  # released when the file is closed
+            store_logger.setLevel(logging.WARNING)
             # the first store access creates the tables, runs the migrations and the default experiment
             MlflowClient(tracking_uri=tracking_uri).search_experiments(max_results=1)
     except OSError as error:
@@ -173,6 +179,8 @@ def create_sqlite_store(tracking_uri: str, db_path: Path) -> None:
             f"MLflow tracking store {redact_text(tracking_uri)} cannot be created ({error}). "
             "Point tracking.uri at a writable folder."
         ) from error
+    finally:
+        store_logger.setLevel(level)
 
 
 def ensure_experiment(target: TrackingTarget) -> str:
