@@ -19,8 +19,10 @@ from knet.bundle import ModelBundle, load_bundle, save_bundle
 from knet.config import ConfigFieldError
 from knet.data import CategoryTable, DataSource, TransformConfig, build_dataset, collate_batch, synthesize
 from knet.data.check import check_dataset, detect_source
+from knet.data.io import read_rgb as decode_image
 from knet.data.parquet import load_manifest, pack_dataset
 from knet.data.transforms import denormalize
+from knet.errors import KnetInputError
 from knet.evaluation import (
     CocoInstanceResultsWriter,
     EvaluationResult,
@@ -41,6 +43,7 @@ __all__ = [
     "ConfigFieldError",
     "DataSource",
     "EvaluationResult",
+    "KnetInputError",
     "KNetConfig",
     "ModelBundle",
     "PanopticResultsWriter",
@@ -52,6 +55,7 @@ __all__ = [
     "build_model",
     "check_dataset",
     "collate_batch",
+    "decode_image",
     "denormalize",
     "detect_source",
     "evaluate",

@@ -15,8 +15,10 @@ import numpy as np
 from knet_platform.errors import KnetUserError
 from knet_platform.knet_adapter import (
     CocoInstanceResultsWriter,
+    KnetInputError,
     ModelBundle,
     PanopticResultsWriter,
+    decode_image,
     load_bundle,
     render_overlay,
     write_semantic_png,
@@ -147,10 +149,9 @@ def read_rgb(path: Path) -> np.ndarray:
     file when it is empty, truncated or not an image."""
     if path.stat().st_size == 0:
         raise ImageDecodeError(f"input {path} is empty (0 bytes): remove it or pass a complete image file")
-    try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"))  # convert() decodes every pixel: (h, w, 3) uint8
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+    try:  # knet's one decoder, as training reads images: 16-bit grey by its high byte, not all-white
+        return decode_image(path)  # (h, w, 3) uint8, every pixel decoded
+    except (KnetInputError, Image.DecompressionBombError) as error:
         reason = " ".join(str(error).split()) or type(error).__name__
         raise ImageDecodeError(
             f"input {path} is not an image that can be decoded ({reason}): remove it or convert it "

@@ -34,6 +34,7 @@ from knet_platform.errors import KnetUserError
 from knet_platform.experiment.home import knet_home, local_path
 from knet_platform.redaction import redact, redact_text
 from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 if TYPE_CHECKING:
@@ -192,7 +193,14 @@ def ensure_experiment(target: TrackingTarget) -> str:
     client = MlflowClient(tracking_uri=target.tracking_uri)
     existing = client.get_experiment_by_name(target.experiment_name)
     if existing is None:
-        return client.create_experiment(target.experiment_name, artifact_location=target.artifact_location)
+        try:
+            return client.create_experiment(
+                target.experiment_name, artifact_location=target.artifact_location
+            )
+        except MlflowException as error:  # another run created it between the look-up and here
+            if error.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            existing = client.get_experiment_by_name(target.experiment_name)
     wanted, actual = target.artifact_location, existing.artifact_location
     if wanted is not None and _same_location(wanted, actual) is False:
         raise ArtifactLocationMismatchError(

@@ -259,3 +259,19 @@ def test_cli_predict_into_a_file_is_one_error(tmp_path, capsys):
     )
     assert code == 2 and _error_lines(capsys) == [f"error: --out {tmp_path / 'out'} is a file: pass a folder "
                                                   "to write the results into"]  # fmt: skip
+
+
+def test_a_16_bit_grey_image_predicts_like_its_8_bit_version(tmp_path):
+    """knet predict reads images with knet's own decoder: a 16-bit PNG is not all-white."""
+    bundle = load_model(tiny_bundle(tmp_path / "bundle"))
+    grey = np.random.default_rng(0).integers(0, 256, (40, 56), dtype=np.uint16)
+    (tmp_path / "eight").mkdir()
+    (tmp_path / "sixteen").mkdir()
+    Image.fromarray(grey.astype(np.uint8)).save(tmp_path / "eight" / "a.png")
+    Image.fromarray(grey * 257).save(tmp_path / "sixteen" / "a.png")  # uint16: a 16-bit PNG (mode I;16)
+    for folder in ("eight", "sixteen"):
+        predict_paths(bundle, [tmp_path / folder], tmp_path / f"out-{folder}")
+    first, second = (
+        np.asarray(Image.open(tmp_path / f"out-{f}" / "panoptic" / "a.png")) for f in ("eight", "sixteen")
+    )
+    assert np.array_equal(first, second)
