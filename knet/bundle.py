@@ -15,8 +15,6 @@ bundles written before it existed lack the key and load as ``False``.
 from __future__ import annotations
 
 import json
-import pickle
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +28,7 @@ from knet.config import KNetConfig
 from knet.data import CategoryTable, TransformConfig, collate_batch
 from knet.data.transforms import normalize, scaled_size
 from knet.errors import KnetInputError, KnetInputNotFoundError
+from knet.safe_load import load_tensors
 from knet.structures import Prediction
 
 WEIGHTS_FILE = "weights.pt"
@@ -139,16 +138,10 @@ def load_bundle(directory: str | Path, *, device: str | torch.device = "cpu") ->
             f"{directory / INFERENCE_FILE}: reduce_zero_label must be true or false, got {reduce_zero_label!r}"
         )
     model = build_model(config)
-    try:
-        state = torch.load(directory / WEIGHTS_FILE, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:  # never torch's advice (weights_only=False): it runs the code
-        found = re.search(r"GLOBAL ([\w.]+)", str(error))
-        held = f": {found.group(1)}" if found else ""
-        raise KnetInputError(
-            f"{directory / WEIGHTS_FILE} is not a safe state dict (it holds pickled Python objects{held}) "
-            "and was refused; a bundle's weights are tensors only: write the bundle with "
-            "knet.bundle.save_bundle (knet run does)."
-        ) from None
+    state = load_tensors(
+        directory / WEIGHTS_FILE,
+        fix="a bundle's weights are tensors only: write the bundle with knet.bundle.save_bundle (knet run does).",
+    )
     model.load_state_dict(state)
     model.to(device).eval()
     return ModelBundle(

@@ -32,6 +32,7 @@ from knet.evaluation import (
     evaluate_results,
     write_semantic_png,
 )
+from knet.safe_load import UnsafeWeightsError, load_tensors
 from knet.structures import Prediction, to_device
 from knet.typed_config import build as build_config
 from knet.typed_config import plain, plain_fields
@@ -44,6 +45,7 @@ __all__ = [
     "DataSource",
     "EvaluationResult",
     "KnetInputError",
+    "UnsafeWeightsError",
     "KNetConfig",
     "ModelBundle",
     "PanopticResultsWriter",
@@ -61,6 +63,7 @@ __all__ = [
     "evaluate",
     "evaluate_results",
     "load_bundle",
+    "load_tensors",
     "model_config_for_task",
     "model_keys",
     "pack_dataset",

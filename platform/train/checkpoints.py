@@ -29,9 +29,7 @@ import hashlib
 import json
 import math
 import os
-import pickle
 import random
-import re
 import shutil
 import tempfile
 import zipfile
@@ -43,6 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 from knet_platform.errors import KnetUserError
+from knet_platform.knet_adapter import UnsafeWeightsError, load_tensors
 
 STATE_FILE = "state.pt"
 METADATA_FILE = "metadata.json"
@@ -302,15 +301,14 @@ def _load_tensors(path: Path, map_location: str | torch.device) -> Any:
             "written by a completed save. Resume from another checkpoint folder."
         )
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as error:  # torch's advice (weights_only=False) would run its code
-        found = re.search(r"GLOBAL ([\w.]+)", str(error))
-        held = f": {found.group(1)}" if found else ""
-        raise CorruptCheckpointError(
-            f"{path} is not a safe state dict (it holds pickled Python objects{held}) and was refused; "
-            "knet's checkpoints hold tensors and plain values only: resume from a checkpoint folder "
-            "written by `knet run`, or re-save the file with plain state dicts (tensors only)."
-        ) from None
+        return load_tensors(
+            path,
+            map_location=map_location,
+            fix="knet's checkpoints hold tensors and plain values only: resume from a checkpoint folder "
+            "written by `knet run`, or re-save the file with plain state dicts (tensors only).",
+        )
+    except UnsafeWeightsError as error:
+        raise CorruptCheckpointError(str(error)) from None
 
 
 def read_checkpoint_metadata(directory: str | Path) -> CheckpointMetadata:
