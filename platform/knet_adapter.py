@@ -9,34 +9,78 @@ DETR's ``d2/`` adapter plays). It takes ``knet`` types and plain values, never t
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
-
-from knet import KNetConfig, build_model
-from knet.bundle import ModelBundle, load_bundle, save_bundle
-from knet.config import ConfigFieldError
-from knet.data import CategoryTable, DataSource, TransformConfig, build_dataset, collate_batch, synthesize
-from knet.data.check import check_dataset, detect_source
-from knet.data.io import read_rgb as decode_image
-from knet.data.parquet import load_manifest, pack_dataset
-from knet.data.transforms import denormalize
+# Light: what an experiment file is validated against loads without torch, so a bad YAML is reported
+# in a fraction of a second (``knet show-config``). Everything else is imported on first use below.
+from knet.config import ConfigFieldError, KNetConfig
+from knet.data.config import DataSource, TransformConfig
 from knet.errors import KnetInputError
-from knet.evaluation import (
-    CocoInstanceResultsWriter,
-    EvaluationResult,
-    PanopticResultsWriter,
-    build_evaluators,
-    evaluate,
-    evaluate_results,
-    write_semantic_png,
-)
-from knet.safe_load import UnsafeWeightsError, load_tensors
-from knet.structures import Prediction, to_device
 from knet.typed_config import build as build_config
 from knet.typed_config import plain, plain_fields
-from knet.visualize import render_overlay
+
+_HEAVY = {
+    "build_model": ("knet.build", "build_model"),
+    "ModelBundle": ("knet.bundle", "ModelBundle"),
+    "load_bundle": ("knet.bundle", "load_bundle"),
+    "CategoryTable": ("knet.data.categories", "CategoryTable"),
+    "build_dataset": ("knet.data.dataset", "build_dataset"),
+    "collate_batch": ("knet.data.dataset", "collate_batch"),
+    "synthesize": ("knet.data.synthetic", "synthesize"),
+    "check_dataset": ("knet.data.check", "check_dataset"),
+    "detect_source": ("knet.data.check", "detect_source"),
+    "decode_image": ("knet.data.io", "read_rgb"),
+    "pack_dataset": ("knet.data.parquet", "pack_dataset"),
+    "denormalize": ("knet.data.transforms", "denormalize"),
+    "CocoInstanceResultsWriter": ("knet.evaluation", "CocoInstanceResultsWriter"),
+    "EvaluationResult": ("knet.evaluation", "EvaluationResult"),
+    "PanopticResultsWriter": ("knet.evaluation", "PanopticResultsWriter"),
+    "build_evaluators": ("knet.evaluation", "build_evaluators"),
+    "evaluate": ("knet.evaluation", "evaluate"),
+    "evaluate_results": ("knet.evaluation", "evaluate_results"),
+    "write_semantic_png": ("knet.evaluation", "write_semantic_png"),
+    "UnsafeWeightsError": ("knet.safe_load", "UnsafeWeightsError"),
+    "load_tensors": ("knet.safe_load", "load_tensors"),
+    "Prediction": ("knet.structures", "Prediction"),
+    "to_device": ("knet.structures", "to_device"),
+    "render_overlay": ("knet.visualize", "render_overlay"),
+}
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from knet import build_model
+    from knet.bundle import ModelBundle, load_bundle
+    from knet.data.categories import CategoryTable
+    from knet.data.check import check_dataset, detect_source
+    from knet.data.dataset import build_dataset, collate_batch
+    from knet.data.io import read_rgb as decode_image
+    from knet.data.parquet import pack_dataset
+    from knet.data.synthetic import synthesize
+    from knet.data.transforms import denormalize
+    from knet.evaluation import (
+        CocoInstanceResultsWriter,
+        EvaluationResult,
+        PanopticResultsWriter,
+        build_evaluators,
+        evaluate,
+        evaluate_results,
+        write_semantic_png,
+    )
+    from knet.safe_load import UnsafeWeightsError, load_tensors
+    from knet.structures import Prediction, to_device
+    from knet.visualize import render_overlay
+
+
+def __getattr__(name: str) -> Any:
+    """The heavy names (torch, timm, pycocotools behind them), imported when first used."""
+    if name not in _HEAVY:
+        raise AttributeError(f"module 'knet_platform.knet_adapter' has no attribute {name!r}")
+    module, attribute = _HEAVY[name]
+    return getattr(importlib.import_module(module), attribute)
+
 
 __all__ = [
     "CategoryTable",
@@ -163,6 +207,8 @@ def write_bundle(
     reduce_zero_label: bool,
 ) -> Path:
     """A ``knet.bundle`` folder (weights + model config + categories + test transforms) of ``model``."""
+    from knet.bundle import save_bundle
+
     return save_bundle(
         directory, model, model_config, categories, transforms, reduce_zero_label=reduce_zero_label
     )
@@ -172,5 +218,7 @@ def reduces_zero_label(source: DataSource) -> bool:
     """Whether the training labels are ADE20K-style (dataset id = category id + 1), for packed shards
     as their manifest recorded it."""
     if source.format == "parquet" and source.shards is not None:
+        from knet.data.parquet import load_manifest
+
         return load_manifest(source.shards).reduce_zero_label
     return source.reduce_zero_label

@@ -14,7 +14,7 @@ import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from knet_platform.experiment.building import ExperimentError, build, plain_fields, require
@@ -27,7 +27,6 @@ from knet_platform.experiment.overrides import (
 )
 from knet_platform.experiment.yaml_loader import load_yaml
 from knet_platform.knet_adapter import (
-    CategoryTable,
     ConfigFieldError,
     DataSource,
     KNetConfig,
@@ -37,6 +36,9 @@ from knet_platform.knet_adapter import (
     with_class_counts,
 )
 from knet_platform.redaction import MASK, is_secret_key, redact_text
+
+if TYPE_CHECKING:
+    from knet_platform.knet_adapter import CategoryTable
 
 Task = Literal["panoptic", "instance", "semantic"]
 Mode = Literal["max", "min"]

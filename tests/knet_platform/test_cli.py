@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,6 +77,26 @@ def test_help_lists_the_commands_and_the_cli_imports_no_heavy_library():
     )
     imported = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert imported.stdout.strip() == "[]"
+
+
+def test_a_bad_experiment_is_reported_in_under_1_5_s_without_loading_torch(tmp_path):
+    # a typo must not cost the ~6 s of CPU that importing torch and timm takes
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(QUICKSTART.read_text().replace("epochs:", "epocs:"))
+    started = time.perf_counter()
+    result = subprocess.run(
+        [str(BIN / "knet"), "show-config", str(bad)], env=cluster_env(), capture_output=True, text=True
+    )
+    elapsed = time.perf_counter() - started
+    assert result.returncode == 2 and result.stderr.startswith("error: unknown key 'train.epocs'"), result.stderr
+    assert elapsed < 1.5, f"knet show-config took {elapsed:.2f} s"
+    code = (
+        "import sys; from knet_platform.cli import main; "
+        f"main(['show-config', {str(QUICKSTART)!r}]); "
+        "print(sorted({'torch', 'timm', 'ray', 'mlflow'} & set(sys.modules)), file=sys.stderr)"
+    )
+    imported = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert imported.stderr.strip() == "[]"  # even a good experiment is resolved without them
 
 
 def test_bad_override_prints_one_error_line_and_exits_2(capsys):
