@@ -13,8 +13,9 @@ import fsspec
 from knet.data.config import DataSource
 from knet.data.errors import DataError
 from knet.data.io import require_entry, require_field, require_list
-from knet.data.parquet import MANIFEST
+from knet.data.parquet import MANIFEST, ParquetReader
 from knet.data.readers import open_reader
+from knet.data.shard_store import shard_layout
 
 _MAX_DEPTH = 3
 
@@ -148,6 +149,7 @@ class DatasetReport:
     segments_per_class: dict[str, int] = field(default_factory=dict)
     crowd_segments: int = 0
     problems: list[str] = field(default_factory=list)
+    storage: list[str] = field(default_factory=list)  # Parquet: shard and row-group sizes
 
     @property
     def ok(self) -> bool:
@@ -156,6 +158,7 @@ class DatasetReport:
     def summary(self) -> str:
         lines = [
             f"dataset: {self.source.format} ({self.source.annotations or self.source.shards or self.source.masks})",
+            *self.storage,
             f"images: {self.num_images}",
             f"classes: {self.num_thing_classes} things + {self.num_stuff_classes} stuff",
             f"crowd segments: {self.crowd_segments}",
@@ -181,6 +184,11 @@ def check_dataset(src: DataSource | str) -> DatasetReport:
         report.problems.append(str(error))
         return report
     report.problems += reader.problems
+    if isinstance(reader, ParquetReader):
+        try:
+            report.storage = shard_layout(reader.store).lines()
+        except DataError as error:
+            report.problems.append(str(error))
     table = reader.categories
     report.num_thing_classes, report.num_stuff_classes = table.num_thing_classes, table.num_stuff_classes
     counts: Counter[int] = Counter()
@@ -188,7 +196,8 @@ def check_dataset(src: DataSource | str) -> DatasetReport:
         try:
             _, target, _ = reader.read(index)
         except DataError as error:
-            report.problems.append(str(error))
+            if str(error) not in report.problems[-1:]:  # a corrupted Parquet shard: once, not per row
+                report.problems.append(str(error))
             continue
         report.num_images += 1
         counts.update(target["labels"].tolist())
