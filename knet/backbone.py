@@ -13,13 +13,15 @@ from pathlib import Path
 import timm
 from torch import Tensor, nn
 
+from knet.errors import KnetInputError, KnetInputNotFoundError
+
 
 def _check_name(name: str) -> None:
     known = timm.list_models()
     if name not in known:
         close = difflib.get_close_matches(name, known, n=5)
         hint = f"; close timm names: {', '.join(close)}" if close else ""
-        raise ValueError(f"backbone.name {name!r} is not a timm model{hint}")
+        raise KnetInputError(f"backbone.name {name!r} is not a timm model{hint}")
 
 
 class TimmBackbone(nn.Module):
@@ -43,7 +45,7 @@ class TimmBackbone(nn.Module):
         super().__init__()
         _check_name(name)
         if pretrained_path is not None and not Path(pretrained_path).is_file():
-            raise FileNotFoundError(
+            raise KnetInputNotFoundError(
                 f"backbone.pretrained_path {pretrained_path!r} does not exist; give a local weights file "
                 "or null for random init (nothing is downloaded)"
             )

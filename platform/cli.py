@@ -24,7 +24,7 @@ import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
-from knet_platform.errors import KnetUserError, RunFailedError
+from knet_platform.errors import KnetUserError, RunFailedError, is_knet_input_error
 from knet_platform.redaction import redact, redact_text
 
 RUN_FAILED_EXIT = 1
@@ -33,8 +33,6 @@ BUG_EXIT = 3
 BUG_REPORT = (
     "knet: this is a bug in knet-platform, not in your input; please report it with the traceback above"
 )
-# knet's base class of the errors its caller can fix, recognised by name: only the adapter imports knet
-KNET_INPUT_ERROR = "knet.errors.KnetInputError"
 
 
 class UsageError(KnetUserError, ValueError):
@@ -71,7 +69,7 @@ def is_user_error(error: BaseException) -> bool:
     ``RunFailedError``, a ``knet.errors.KnetInputError``), rather than a bug."""
     if isinstance(error, (KnetUserError, RunFailedError)):
         return True
-    return any(f"{cls.__module__}.{cls.__qualname__}" == KNET_INPUT_ERROR for cls in type(error).__mro__)
+    return is_knet_input_error(error)
 
 
 def build_parser() -> argparse.ArgumentParser:

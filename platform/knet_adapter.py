@@ -43,6 +43,8 @@ _HEAVY = {
     "write_semantic_png": ("knet.evaluation", "write_semantic_png"),
     "UnsafeWeightsError": ("knet.safe_load", "UnsafeWeightsError"),
     "load_tensors": ("knet.safe_load", "load_tensors"),
+    "known_categories": ("knet.data.known_categories", "known_categories"),
+    "load_official": ("knet.weights", "load_official"),
     "Prediction": ("knet.structures", "Prediction"),
     "to_device": ("knet.structures", "to_device"),
     "render_overlay": ("knet.visualize", "render_overlay"),
@@ -57,6 +59,7 @@ if TYPE_CHECKING:
     from knet.data.check import check_dataset, detect_source
     from knet.data.dataset import build_dataset, collate_batch
     from knet.data.io import read_rgb as decode_image
+    from knet.data.known_categories import known_categories
     from knet.data.parquet import pack_dataset
     from knet.data.synthetic import synthesize
     from knet.data.transforms import denormalize
@@ -72,6 +75,7 @@ if TYPE_CHECKING:
     from knet.safe_load import UnsafeWeightsError, load_tensors
     from knet.structures import Prediction, to_device
     from knet.visualize import render_overlay
+    from knet.weights import load_official
 
 
 def __getattr__(name: str) -> Any:
@@ -100,13 +104,16 @@ __all__ = [
     "build_evaluators",
     "build_model",
     "check_dataset",
+    "check_model_builds",
     "collate_batch",
     "decode_image",
     "denormalize",
     "detect_source",
     "evaluate",
     "evaluate_results",
+    "known_categories",
     "load_bundle",
+    "load_official",
     "load_tensors",
     "model_config_for_task",
     "model_keys",
@@ -212,6 +219,17 @@ def write_bundle(
     return save_bundle(
         directory, model, model_config, categories, transforms, reduce_zero_label=reduce_zero_label
     )
+
+
+def check_model_builds(config: KNetConfig) -> None:
+    """Build the model on the meta device (no memory, no compute): an unknown backbone, a missing or
+    unreadable ``backbone.pretrained_path`` or shapes that do not fit fail here, before any worker."""
+    import torch
+
+    from knet import build_model
+
+    with torch.device("meta"):
+        build_model(config)
 
 
 def reduces_zero_label(source: DataSource) -> bool:

@@ -29,7 +29,25 @@ _HOMES = {
     "synthesize": "knet.data.synthetic",
 }
 
-__all__ = sorted(_HOMES)
+__all__ = [
+    "Batch",
+    "Category",
+    "CategoryTable",
+    "DataError",
+    "DataSource",
+    "DatasetReport",
+    "KNetDataset",
+    "Manifest",
+    "SyntheticDataset",
+    "TransformConfig",
+    "build_dataset",
+    "check_dataset",
+    "collate_batch",
+    "detect_source",
+    "pack_dataset",
+    "render_scene",
+    "synthesize",
+]
 
 if TYPE_CHECKING:
     from knet.data.categories import Category, CategoryTable

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-from knet_platform.errors import RunFailedError
+from knet_platform.errors import RunFailedError, is_deterministic
 from knet_platform.experiment.schema import Experiment
 from knet_platform.ray_runtime import check_capacity, start_ray, stop_ray
 from knet_platform.redaction import redact_text
@@ -31,9 +31,16 @@ from knet_platform.tracking.runs import (
     resolve_tracking,
 )
 from knet_platform.train.checkpoints import require_checkpoint
-from knet_platform.train.datasets import prepare_data
-from knet_platform.train.trainer import build_trainer, validate_for_training
+from knet_platform.train.preflight import check_before_ray
+from knet_platform.train.trainer import (
+    build_trainer,
+    describe_failure,
+    fit_with_restarts,
+    validate_for_training,
+    worker_causes,
+)
 from ray.train import TrainingFailedError
+from ray.train.torch import TorchTrainer
 
 
 @dataclass
@@ -90,7 +97,7 @@ def run_experiment(
     record = latest_record(target, experiment.name, "run") if resume else None
     ensure_experiment(target)  # refuses a changed artifact location before anything runs
     pinned_requirements()  # the model's serving requirements, before hours of training
-    prepare_data(experiment)
+    check_before_ray(experiment)  # data index + model on the meta device: bad input fails before Ray
 
     runtime = start_ray(num_cpus=None)
     try:
@@ -111,22 +118,21 @@ def _fit_and_register(experiment: Experiment, run: TrackedRun, from_checkpoint: 
         if from_checkpoint is not None:
             init_weights = _local_checkpoint(from_checkpoint, target, Path(scratch))
             logger.set_tag("knet.init_weights_from", from_checkpoint)  # masked by set_tag
-        trainer = build_trainer(
-            experiment,
-            run_name=run.name,
-            storage_path=target.storage_path,
-            mlflow_run_id=run.run_id,
-            tracking_uri=target.tracking_uri,
-            init_weights_from=init_weights,
-        )
+
+        def make_trainer() -> TorchTrainer:
+            return build_trainer(
+                experiment,
+                run_name=run.name,
+                storage_path=target.storage_path,
+                mlflow_run_id=run.run_id,
+                tracking_uri=target.tracking_uri,
+                init_weights_from=init_weights,
+            )
+
         try:
-            result = trainer.fit()
-        except TrainingFailedError as error:  # a worker's error (bad loss, OOM kill...), not a bug here
-            raise RunFailedError(
-                f"training failed: {_worker_error(error)}. The worker's traceback is above and the run is "
-                "FAILED in MLflow; once the cause is fixed, `knet run --resume` continues from the last "
-                "checkpoint."
-            ) from error
+            result = fit_with_restarts(make_trainer)
+        except TrainingFailedError as error:  # a worker's error (bad data, bad loss, OOM kill...)
+            raise RunFailedError(_failure_message(error)) from error
     metric, mode = experiment.train.metric, experiment.train.mode
     checkpoint, metrics = _best(result.best_checkpoints or [], metric, mode)
     value = float(metrics[metric])
@@ -149,17 +155,15 @@ def _fit_and_register(experiment: Experiment, run: TrackedRun, from_checkpoint: 
     )
 
 
-def _worker_error(error: TrainingFailedError) -> str:
-    """The first failed worker's error as one line: ``worker 0: NonFiniteLossError: non-finite ...``."""
-    failures = getattr(error, "worker_failures", None) or {}
-    for rank, failure in sorted(failures.items()):
-        cause = getattr(failure, "cause", None) or failure  # a RayTaskError wraps the worker's exception
-        lines = [line for line in str(cause).strip().splitlines() if line.strip()]
-        last = lines[-1] if lines else ""
-        name = type(cause).__name__
-        return f"worker {rank}: {last if last.startswith(name) else f'{name}: {last}'}"
-    lines = [line for line in str(error).strip().splitlines() if line.strip()]
-    return lines[-1] if lines else type(error).__name__
+def _failure_message(error: TrainingFailedError) -> str:
+    """One line: what failed, and whether ``--resume`` helps (not for input that fails every time)."""
+    cause = describe_failure(error)
+    if any(is_deterministic(c) for c in worker_causes(error)):
+        return f"training failed: {cause}. The run is FAILED in MLflow; fix the cause and start it again."
+    return (
+        f"training failed: {cause}. The worker's traceback is above and the run is FAILED in MLflow; "
+        "once the cause is fixed, `knet run --resume` continues from the last checkpoint."
+    )
 
 
 def _best(candidates: list[tuple[Any, dict[str, Any]]], metric: str, mode: str) -> tuple[Any, dict[str, Any]]:

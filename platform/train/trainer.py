@@ -7,20 +7,67 @@ Tune trial restarts continue in place.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
+from knet_platform.errors import is_deterministic
 from knet_platform.experiment.building import ExperimentError
 from knet_platform.train.worker import LoopConfig, train_fn_per_worker
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
 from ray.train.torch import TorchTrainer
 
 if TYPE_CHECKING:
     from knet_platform.experiment.schema import Experiment
-    from ray.train import UserCallback
+    from ray.train import Result, UserCallback
 
 # Worker failures (a lost node, an OOM-killed process) a run recovers from, from its latest checkpoint.
 DEFAULT_MAX_FAILURES = 2
+
+
+def fit_with_restarts(
+    make_trainer: Callable[[], TorchTrainer], *, max_failures: int = DEFAULT_MAX_FAILURES
+) -> Result:
+    """``make_trainer().fit()``, restarted from the run's latest checkpoint after a failure that may not
+    happen again (a lost node, a killed process), at most ``max_failures`` times.
+
+    Ray Train's own ``FailureConfig`` retries every worker error alike; a bad data file, a bad config
+    or a non-finite loss fails identically on every retry, minutes later. Those end the run at once.
+    A new trainer of the same name and storage resumes from the run's checkpoint record.
+    """
+    for restart in range(max_failures + 1):
+        try:
+            return make_trainer().fit()
+        except TrainingFailedError as error:
+            if restart == max_failures or any(is_deterministic(cause) for cause in worker_causes(error)):
+                raise
+            print(
+                f"knet: training failed ({describe_failure(error)}); restarting the workers from the "
+                f"latest checkpoint (restart {restart + 1} of {max_failures})",
+                file=sys.stderr,
+                flush=True,
+            )
+    raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+def worker_causes(error: TrainingFailedError) -> list[BaseException]:
+    """The exceptions the workers raised (unwrapped from Ray's task errors), by rank."""
+    failures = getattr(error, "worker_failures", None) or {}
+    return [getattr(failure, "cause", None) or failure for _, failure in sorted(failures.items())]
+
+
+def describe_failure(error: TrainingFailedError) -> str:
+    """The first failed worker's error as one line: ``worker 0: NonFiniteLossError: non-finite ...``;
+    a failure of Ray Train's controller as its last line."""
+    failures = getattr(error, "worker_failures", None) or {}
+    for rank, failure in sorted(failures.items()):
+        cause = getattr(failure, "cause", None) or failure
+        lines = [line for line in str(cause).strip().splitlines() if line.strip()]
+        last = lines[-1] if lines else ""
+        name = type(cause).__name__
+        return f"worker {rank}: {last if last.startswith(name) else f'{name}: {last}'}"
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
 
 
 def build_trainer(
@@ -33,7 +80,6 @@ def build_trainer(
     callbacks: Sequence[UserCallback] = (),
     resume_from: str | None = None,
     init_weights_from: str | None = None,
-    max_failures: int = DEFAULT_MAX_FAILURES,
 ) -> TorchTrainer:
     """A ``TorchTrainer`` that runs :func:`train_fn_per_worker` on ``scaling.num_workers`` workers.
 
@@ -42,6 +88,7 @@ def build_trainer(
     resume_from: a checkpoint folder to continue from (model, optimizer, epoch...) when Ray has none.
     init_weights_from: a checkpoint folder whose model weights start this run (fine-tuning; epoch 0).
     Checkpoints are kept by ``train.metric`` / ``train.mode`` (the best ``train.keep_checkpoints``).
+    Ray does not retry: :func:`fit_with_restarts` decides which failures are worth a restart.
     """
     from knet_platform.tracking.runs import resolve_tracking
 
@@ -75,7 +122,7 @@ def build_trainer(
                 checkpoint_score_attribute=train.metric,
                 checkpoint_score_order=train.mode,
             ),
-            failure_config=FailureConfig(max_failures=max_failures),
+            failure_config=FailureConfig(max_failures=0),
             callbacks=list(callbacks),
         ),
     )

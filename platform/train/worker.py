@@ -56,7 +56,10 @@ NUM_OVERLAYS = 3  # fixed val images (the first ones) drawn into MLflow at every
 
 
 class NonFiniteLossError(FloatingPointError):
-    """A loss became NaN or inf: the run fails here rather than training on garbage."""
+    """A loss became NaN or inf: the run fails here rather than training on garbage. Not restarted: the
+    same weights and batch give the same loss again."""
+
+    deterministic = True
 
 
 @dataclass(frozen=True)

@@ -38,8 +38,8 @@ from knet_platform.tracking.runs import (
     reopen_run,
     resolve_tracking,
 )
-from knet_platform.train.datasets import prepare_data
-from knet_platform.train.trainer import build_trainer
+from knet_platform.train.preflight import check_before_ray
+from knet_platform.train.trainer import build_trainer, fit_with_restarts
 from knet_platform.tune.space import (
     MaskedSpace,
     SearchSpaceError,
@@ -58,6 +58,7 @@ from knet_platform.tune.validation import (
     validate_search,
 )
 from mlflow.tracking import MlflowClient
+from ray.train.torch import TorchTrainer
 from ray.tune import Callback
 
 TRIAL_TAG, SEARCH_TAG = "knet.trial_id", "knet.search"
@@ -143,7 +144,7 @@ def run_search(experiment: Experiment, *, resume: bool = False) -> SearchSummary
     target = resolve_tracking(experiment)
     check_tracking_reachable(target.tracking_uri)
     record = latest_record(target, experiment.name, "search") if resume else None
-    prepare_data(experiment)
+    check_before_ray(experiment)  # data index + model on the meta device: bad input fails before Ray
 
     runtime = start_ray(num_cpus=None)
     try:
@@ -245,18 +246,21 @@ def _run_trial(
         reopen_run(target.tracking_uri, run_id)
     run_name = f"{search_name}-{trial_id}"
     _log_trial(target, run_id, experiment, config, run_name)
-    trainer = build_trainer(
-        experiment,
-        run_name=run_name,
-        storage_path=target.storage_path,
-        mlflow_run_id=run_id,
-        tracking_uri=target.tracking_uri,
-        callbacks=[TuneReportCallback()],
-    )
+
+    def make_trainer() -> TorchTrainer:
+        return build_trainer(
+            experiment,
+            run_name=run_name,
+            storage_path=target.storage_path,
+            mlflow_run_id=run_id,
+            tracking_uri=target.tracking_uri,
+            callbacks=[TuneReportCallback()],
+        )
+
     # No clean-up here: the driver's TrialRunCloser ends the run and records an error (knet.error).
     # A trial ASHA stops is interrupted mid-epoch; a tag written from here could land after the driver
     # had ended that run FINISHED, whatever this process checked first.
-    trainer.fit()
+    fit_with_restarts(make_trainer)
 
 
 def _log_trial(

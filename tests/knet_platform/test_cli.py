@@ -148,6 +148,88 @@ def test_resume_with_nothing_recorded_is_one_line_before_data_or_ray(tmp_path, e
     assert not (tmp_path / ".knet" / "data").exists()  # the synthetic dataset was not generated for it
 
 
+@pytest.fixture(scope="module")
+def small_dataset(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("small") / "synth"
+    assert main(["data", "synth", str(root), "--images", "8"]) == 0
+    return root
+
+
+def experiment_on(folder: Path, dataset: Path, annotations: Path | None = None) -> Path:
+    """The quickstart on ``dataset`` (train annotations replaced by ``annotations``), written to a YAML."""
+    raw = yaml.safe_load(QUICKSTART.read_text())
+    raw["data"].pop("synthetic")
+    for split in ("train", "val"):
+        raw["data"][split].update(
+            images=str(dataset / "images" / split),
+            annotations=str(dataset / "coco_panoptic" / f"{split}.json"),
+            masks=str(dataset / "coco_panoptic" / split),
+        )
+    if annotations is not None:
+        raw["data"]["train"]["annotations"] = str(annotations)
+    path = folder / "experiment.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _truncated(dataset: Path, folder: Path) -> Path:
+    path = folder / "truncated.json"
+    path.write_text((dataset / "coco_panoptic" / "train.json").read_text()[:300])
+    return path
+
+
+def _unknown_category(dataset: Path, folder: Path) -> Path:
+    annotations = json.loads((dataset / "coco_panoptic" / "train.json").read_text())
+    annotations["annotations"][1]["segments_info"][0]["category_id"] = 9999
+    path = folder / "unknown_category.json"
+    path.write_text(json.dumps(annotations))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("break_it", "expected"),
+    [
+        (_truncated, "COCO panoptic annotations file {folder}/truncated.json is not valid JSON"),
+        (_unknown_category, "category id 9999 in {folder}/unknown_category.json (image "),
+        (None, "backbone.name 'resnet5000' is not a timm model; close timm names: resnet50"),
+    ],
+    ids=["truncated annotations", "unknown category id", "unknown backbone"],
+)
+def test_bad_data_or_model_found_by_opening_them_is_one_line_in_seconds_before_ray(
+    tmp_path, small_dataset, break_it, expected
+):
+    # each of these used to start Ray, be retried 3 times by the worker group and end in a traceback
+    overrides = [f"--set={o}" for o in tiny_overrides(tmp_path)]
+    if break_it is None:
+        experiment = experiment_on(tmp_path, small_dataset)
+        overrides.append("--set=model.backbone.name=resnet5000")
+    else:
+        experiment = experiment_on(tmp_path, small_dataset, break_it(small_dataset, tmp_path))
+    started = time.perf_counter()
+    run = knet_run(tmp_path, str(experiment), *overrides)
+    assert time.perf_counter() - started < 60
+    assert_one_error_line(run, expected.format(folder=tmp_path))
+    assert not run.ray_started
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_a_corrupt_image_found_in_training_ends_the_run_at_once_naming_it_without_restarts(
+    tmp_path, small_dataset
+):
+    # a bad file fails the same way on every try: restarting the workers would only waste minutes
+    dataset = tmp_path / "synth"
+    shutil.copytree(small_dataset, dataset)
+    (corrupt,) = sorted((dataset / "images" / "train").iterdir())[:1]
+    corrupt.write_bytes(corrupt.read_bytes()[:100])
+    overrides = [f"--set={o}" for o in tiny_overrides(tmp_path, epochs=1, workers=1)]
+    run = knet_run(tmp_path, str(experiment_on(tmp_path, dataset)), *overrides)
+    assert run.code == 1, run.err[-3000:]
+    last = run.err.splitlines()[-1]
+    assert last.startswith("error: training failed: worker 0: DataError: ") and corrupt.name in last, last
+    assert "restarting the workers" not in run.err and "[FailurePolicy] RETRY" not in run.err  # no retry
+
+
 @pytest.mark.slow
 @pytest.mark.ray
 def test_more_workers_than_the_local_ray_can_place_is_one_line_and_no_mlflow_run(tmp_path):

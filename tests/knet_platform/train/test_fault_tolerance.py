@@ -77,7 +77,7 @@ def _train_workers() -> list[int]:
 
 
 def test_a_killed_train_worker_is_replaced_and_training_continues_from_the_latest_checkpoint(
-    tmp_path: Path, local_ray, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, local_ray, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from knet_platform.train.driver import run_experiment
 
@@ -109,6 +109,7 @@ def test_a_killed_train_worker_is_replaced_and_training_continues_from_the_lates
     watcher.join(timeout=5)
 
     assert killed, "no Train worker was killed: the run ended before its second checkpoint appeared"
+    assert "restarting the workers from the latest checkpoint (restart 1 of 2)" in capsys.readouterr().err
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     run = client.get_run(summary.run_id)
     assert run.info.status == "FINISHED"
