@@ -17,13 +17,16 @@ from torch import Tensor, nn
 def conv_bn_relu(
     in_channels: int, out_channels: int, kernel_size: int, *, dilation: int = 1
 ) -> nn.Sequential:
-    """mmseg ConvModule with a norm: same-size padding, conv without bias, BN, ReLU."""
+    """mmseg ConvModule with a norm: same-size padding, conv without bias, BN, ReLU.
+
+    Initialised as mmcv's ``ConvModule.init_weights`` does (nothing in mmseg re-initialises these heads):
+    the conv weight kaiming-normal with mode 'fan_out' and the ReLU gain, i.e. std sqrt(2 / (out * k * k));
+    BN weight 1, bias 0. PyTorch's default (kaiming-uniform, a = sqrt(5), fan_in) starts 0.14-0.41x as wide.
+    """
     padding = 0 if kernel_size == 1 else dilation * (kernel_size // 2)
-    return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, kernel_size, padding=padding, dilation=dilation, bias=False),
-        nn.BatchNorm2d(out_channels),
-        nn.ReLU(inplace=True),
-    )
+    conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=padding, dilation=dilation, bias=False)
+    nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+    return nn.Sequential(conv, nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
 
 
 def _resize(x: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:

@@ -88,6 +88,9 @@ class KernelUpdateHead(nn.Module):
         for parameter in self.parameters():
             if parameter.dim() > 1:
                 nn.init.xavier_uniform_(parameter)
+        # The reference's feat_transform is an mmcv ConvModule, whose own init zeroes the conv bias; K-Net's
+        # init_weights then re-initialises only the matrices, so the bias stays 0 (not PyTorch's uniform).
+        nn.init.zeros_(self.feat_transform.bias)
         if self.fc_cls is not None:
             nn.init.constant_(self.fc_cls.bias, prior_bias())
 

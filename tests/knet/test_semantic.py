@@ -3,6 +3,8 @@ softmax grouping, a CE loss on every logit map, argmax inference; and it learns.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -155,6 +157,48 @@ def test_decode_heads_have_the_parameter_counts_of_the_mmseg_heads() -> None:
     expected = {"fcn": fcn, "psp": psp, "aspp": aspp, "uper": uper}
     for name, head in counts.items():
         assert sum(p.numel() for p in head.parameters()) == expected[name], name
+
+
+def _assert_kaiming_fan_out(name: str, head: torch.nn.Module) -> int:
+    """Every conv of ``head``: no bias, N(0, sqrt(2 / fan_out)) with fan_out = out * k * k (mmcv's
+    ConvModule init: kaiming-normal, mode 'fan_out', ReLU gain); every BatchNorm starts at (1, 0).
+    The max |w| / std > 3.5 tells a normal draw from a uniform one (at most sqrt(3) = 1.73)."""
+    convs = [m for m in head.modules() if isinstance(m, torch.nn.Conv2d)]
+    for index, conv in enumerate(convs):
+        weight = conv.weight.detach()
+        out, _, kh, kw = weight.shape
+        expected = math.sqrt(2 / (out * kh * kw))
+        measured = float(weight.std())
+        assert conv.bias is None, (name, index)
+        assert abs(measured / expected - 1) < 0.05, (name, index, measured, expected)
+        assert abs(float(weight.mean())) < 0.05 * expected, (name, index)
+        assert float(weight.abs().max()) / measured > 3.5, (name, index)
+    for norm in (m for m in head.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        assert torch.equal(norm.weight, torch.ones_like(norm.weight)) and not norm.bias.any()
+    return len(convs)
+
+
+def test_decode_head_and_aux_convs_start_kaiming_normal_fan_out_as_mmcv_conv_modules() -> None:
+    torch.manual_seed(0)
+    c, top, levels = 512, 2048, [256, 512, 1024, 2048]
+    heads = {
+        "fcn": FCNHead(in_channels=top, channels=c),
+        "psp": PSPHead(in_channels=top, channels=c),
+        "aspp": ASPPHead(in_channels=top, channels=c),
+        "uper": UPerHead(in_channels=levels, channels=256),
+        "aux": FCNHead(in_channels=1024, channels=256, in_index=2, num_convs=1, concat_input=False),
+    }
+    counts = {name: _assert_kaiming_fan_out(name, head) for name, head in heads.items()}
+    assert counts == {"fcn": 3, "psp": 5, "aspp": 6, "uper": 12, "aux": 1}
+
+
+def test_the_built_semantic_model_keeps_the_classifiers_at_std_0_01_and_the_aux_head_kaiming() -> None:
+    model = semantic_model("psp", channels=512)
+    head = model.kernel_head
+    assert head.aux_head is not None
+    _assert_kaiming_fan_out("aux", head.aux_head[0])
+    for classifier in (head.conv_seg, head.aux_head[2]):
+        assert abs(float(classifier.weight.detach().std()) / 0.01 - 1) < 0.15 and not classifier.bias.any()
 
 
 def test_initial_kernels_are_the_classifier_weights_without_bias() -> None:

@@ -165,6 +165,20 @@ def test_class_bias_starts_at_the_focal_prior() -> None:
     torch.testing.assert_close(head.fc_cls.bias, torch.full((5,), -4.59512), atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("grouping", ["hard_sigmoid", "softmax"])
+def test_matrices_are_xavier_uniform_and_the_feature_transform_bias_starts_at_zero(grouping: str) -> None:
+    """mmcv's ConvModule zeroes the feat_transform bias; K-Net then re-draws only the matrices
+    (xavier-uniform, bound sqrt(6 / (fan_in + fan_out))), so the bias stays 0."""
+    head = _head(channels=256, feedforward_channels=2048, num_heads=8, grouping=grouping)
+    assert torch.equal(head.feat_transform.bias, torch.zeros(256))
+    weight = head.feat_transform.weight  # (256, 256, 1, 1): fan_in = fan_out = 256
+    bound = math.sqrt(6 / (256 + 256))
+    assert float(weight.abs().max()) <= bound
+    assert abs(float(weight.std()) / (bound / math.sqrt(3)) - 1) < 0.02  # uniform: std = bound / sqrt(3)
+    ffn_in = head.ffn[0].weight  # (2048, 256)
+    assert float(ffn_in.abs().max()) <= math.sqrt(6 / (256 + 2048))
+
+
 def test_unknown_grouping_is_rejected() -> None:
     with pytest.raises(ValueError, match="grouping"):
         _head(grouping="mean")
