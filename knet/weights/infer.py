@@ -139,7 +139,8 @@ def config_from_reference(
         )
     if not 0 < things <= classes:
         raise WeightsImportError(
-            f"num_thing_classes {things} does not fit the checkpoint's {classes} classes"
+            f"num_thing_classes={things} (the things of the class list) does not fit the checkpoint's "
+            f"{classes} classes"
         )
     return _build(
         task,

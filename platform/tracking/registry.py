@@ -27,6 +27,7 @@ from knet_platform.tracking.runs import (
     check_tracking_reachable,
     no_printed_urls_with_secrets,
 )
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -68,16 +69,7 @@ def log_and_register(
     and give it ``alias`` when its metric beats the current holder's (or no version holds it yet)."""
     if mode not in ("max", "min"):
         raise ValueError(f"mode={mode!r}: use 'max' or 'min'")
-    with _store(tracking_uri):
-        with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
-            info = mlflow.pyfunc.log_model(
-                name=MODEL_ARTIFACT_NAME,
-                python_model=str(PYFUNC_MODEL_FILE),
-                artifacts={"bundle": str(bundle_dir)},
-                pip_requirements=pinned_requirements(),
-            )
-        version = mlflow.register_model(info.model_uri, registered_model)
-
+    version = _log_version(bundle_dir, tracking_uri, run_id, registered_model)
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     for key, value in ((METRIC_TAG, metric), (VALUE_TAG, repr(float(metric_value))), (MODE_TAG, mode)):
         client.set_model_version_tag(registered_model, version.version, key, value)
@@ -93,6 +85,60 @@ def log_and_register(
         is_champion=wins,
         reason=reason,
     )
+
+
+def register_unscored(
+    bundle_dir: str | Path,
+    *,
+    tracking_uri: str,
+    run_id: str,
+    registered_model: str,
+    alias: str,
+    tags: dict[str, str],
+) -> RegisteredModel:
+    """Log and register a model that has no metric yet (imported weights), with ``tags``. Without a
+    metric there is nothing to beat: it takes ``alias`` only when no version holds it yet."""
+    version = _log_version(bundle_dir, tracking_uri, run_id, registered_model)
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    for key, value in tags.items():
+        client.set_model_version_tag(registered_model, version.version, key, redact_text(value))
+    try:
+        holder = client.get_model_version_by_alias(registered_model, alias)
+    except MlflowException:
+        holder = None
+    if holder is None:
+        client.set_registered_model_alias(registered_model, alias, version.version)
+        reason = f"no version held '{alias}' yet"
+    else:
+        reason = (
+            f"version {holder.version} holds '{alias}' and this version has no metric to beat it with; "
+            f"evaluate it (knet eval) and move the alias by hand if it should win: "
+            f"MlflowClient().set_registered_model_alias({registered_model!r}, {alias!r}, {version.version})"
+        )
+    return RegisteredModel(
+        name=registered_model,
+        version=str(version.version),
+        model_uri=f"models:/{registered_model}/{version.version}",
+        alias=alias,
+        alias_uri=f"models:/{registered_model}@{alias}",
+        is_champion=holder is None,
+        reason=reason,
+    )
+
+
+def _log_version(
+    bundle_dir: str | Path, tracking_uri: str, run_id: str, registered_model: str
+) -> ModelVersion:
+    """Log ``bundle_dir`` as ``run_id``'s pyfunc model and register it: the new ModelVersion."""
+    with _store(tracking_uri):
+        with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
+            info = mlflow.pyfunc.log_model(
+                name=MODEL_ARTIFACT_NAME,
+                python_model=str(PYFUNC_MODEL_FILE),
+                artifacts={"bundle": str(bundle_dir)},
+                pip_requirements=pinned_requirements(),
+            )
+        return mlflow.register_model(info.model_uri, registered_model)
 
 
 def download_model(model_uri: str, tracking_uri: str, dst: str | Path) -> Path:
