@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -189,6 +190,13 @@ def _row(reader: Reader, index: int, table: CategoryTable) -> dict[str, Any]:
     }
 
 
+def _check_sizes(shard_size: int | None, target_mb: float, row_group_mb: float) -> None:
+    if shard_size is not None and shard_size < 1:
+        raise KnetInputError(f"shard_size={shard_size} must be >= 1")
+    if not (target_mb > 0 and row_group_mb > 0):
+        raise KnetInputError(f"target_mb={target_mb} and row_group_mb={row_group_mb} must be > 0")
+
+
 def pack_dataset(
     src: DataSource,
     out: str,
@@ -197,33 +205,32 @@ def pack_dataset(
     target_mb: float = TARGET_MB,
     row_group_mb: float = ROW_GROUP_MB,
 ) -> Manifest:
-    """Pack every image of ``src`` into Parquet shards of about ``target_mb`` MB under ``out``, each
-    in row groups of about ``row_group_mb`` MB (sizes count the encoded image and mask bytes; a row is
-    never split, so a group holds at least one row). ``shard_size``: also close a shard at that many rows.
+    """Pack every image of ``src`` into Parquet shards under ``out`` (sizes: see ``write_shards``).
 
     With ``src.skip_invalid`` an image that fails to decode is left out with a warning (and a count at
     the end); otherwise its ``DataError`` stops the packing.
     """
-    if shard_size is not None and shard_size < 1:
-        raise KnetInputError(f"shard_size={shard_size} must be >= 1")
-    if not (target_mb > 0 and row_group_mb > 0):
-        raise KnetInputError(f"target_mb={target_mb} and row_group_mb={row_group_mb} must be > 0")
+    _check_sizes(shard_size, target_mb, row_group_mb)  # before reading anything
     reader = open_reader(src)
     table = reader.categories
     manifest = Manifest(root=str(out), categories=table.to_dict(), reduce_zero_label=src.reduce_zero_label)
-    fs, root = fsspec.core.url_to_fs(str(out))
-    fs.makedirs(root, exist_ok=True)
-    writer = _ShardWriter(fs, root, manifest, int(target_mb * 2**20), int(row_group_mb * 2**20), shard_size)
     skipped: list[str] = []
-    for index in range(len(reader)):
-        try:
-            writer.add(_row(reader, index, table))
-        except DataError as error:
-            if not src.skip_invalid:
-                raise
-            skipped.append(str(error))
-            log.warning("skip_invalid=True: not packing unreadable item %d: %s", index, error)
-    writer.finish_shard()
+
+    def rows() -> Iterator[dict[str, Any]]:
+        for index in range(len(reader)):
+            try:
+                row = _row(reader, index, table)
+            except DataError as error:
+                if not src.skip_invalid:
+                    raise
+                skipped.append(str(error))
+                log.warning("skip_invalid=True: not packing unreadable item %d: %s", index, error)
+                continue
+            yield row
+        if len(skipped) == len(reader):
+            raise DataError(f"none of the {len(reader)} images of {src.annotations or src.masks} can be read")
+
+    write_shards(rows(), manifest, shard_size, target_mb=target_mb, row_group_mb=row_group_mb)
     if skipped:
         log.warning(
             "skip_invalid=True: packed %d image(s), left out %d unreadable one(s), first: %s",
@@ -231,8 +238,31 @@ def pack_dataset(
             len(skipped),
             skipped[0],
         )
+    return manifest
+
+
+def write_shards(
+    rows: Iterable[dict[str, Any]],
+    manifest: Manifest,
+    shard_size: int | None = None,
+    *,
+    target_mb: float = TARGET_MB,
+    row_group_mb: float = ROW_GROUP_MB,
+) -> Manifest:
+    """Write ``rows`` (dicts of the SCHEMA columns) as shards of about ``target_mb`` MB under
+    ``manifest.root``, each in row groups of about ``row_group_mb`` MB, then ``manifest.json``. Sizes
+    count the encoded image and mask bytes; a row is never split, so a group holds at least one row.
+    ``shard_size``: also close a shard at that many rows. Re-packing existing shards in another layout
+    needs no decoding: ``write_shards((row for _, row in iter_rows(store)), ...)``."""
+    _check_sizes(shard_size, target_mb, row_group_mb)
+    fs, root = fsspec.core.url_to_fs(manifest.root)
+    fs.makedirs(root, exist_ok=True)
+    writer = _ShardWriter(fs, root, manifest, int(target_mb * 2**20), int(row_group_mb * 2**20), shard_size)
+    for row in rows:
+        writer.add(row)
+    writer.finish_shard()
     if not manifest.shards:
-        raise DataError(f"none of the {len(reader)} images of {src.annotations or src.masks} can be read")
+        raise DataError(f"no rows to write to {manifest.root}")
     with fs.open(_join(root, MANIFEST), "w") as handle:
         json.dump(manifest.to_dict(), handle, indent=1)
     return manifest

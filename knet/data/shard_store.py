@@ -37,6 +37,12 @@ _CHUNK = 8 << 20
 _VERIFIED: dict[tuple[str, str], int] = {}  # (protocol:path, sha256) -> file size checked in this process
 
 
+def clear_verified() -> None:
+    """Forget which shards this process has checked, so the next read of each hashes it again (a
+    benchmark measuring a first epoch; a caller that knows files were rewritten in place)."""
+    _VERIFIED.clear()
+
+
 @dataclass(frozen=True)
 class RowGroupUnit:
     """One readable unit: row group ``row_group`` of shard ``shard``; its rows are the dataset rows
@@ -264,4 +270,12 @@ def _pop_random(buffer: list[Any], rng: np.random.Generator) -> Any:
     return buffer.pop()
 
 
-__all__ = ["RowGroupUnit", "ShardLayout", "ShardStore", "epoch_units", "iter_rows", "shard_layout"]
+__all__ = [
+    "RowGroupUnit",
+    "ShardLayout",
+    "ShardStore",
+    "clear_verified",
+    "epoch_units",
+    "iter_rows",
+    "shard_layout",
+]

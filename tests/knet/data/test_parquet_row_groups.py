@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from knet.data import DataError, DataSource, SyntheticDataset, check_dataset, pack_dataset, synthesize
-from knet.data.parquet import ParquetReader, load_manifest
+from knet.data.parquet import Manifest, ParquetReader, load_manifest, write_shards
 from knet.data.shard_store import epoch_units, iter_rows, shard_layout
 
 ROW_GROUP_MB = 0.01  # ~10 KB: a few of the 48x48 synthetic rows
@@ -161,3 +161,14 @@ def test_check_reports_shard_and_row_group_sizes(synthetic: SyntheticDataset, tm
     assert report.storage[0].startswith("shards: 2, 8 rows, ")
     assert report.storage[1].startswith("row groups: 8, 4.0 per shard ")  # one row each at this size
     assert report.storage[0] in report.summary()
+
+
+def test_write_shards_re_lays_out_packed_rows_without_decoding(
+    forty: SyntheticDataset, tmp_path: Path
+) -> None:
+    old = _pack(forty, str(tmp_path / "old"))  # one shard, one row group
+    manifest = Manifest(str(tmp_path / "new"), old.manifest.categories)
+    write_shards((row for _, row in iter_rows(old.store)), manifest, row_group_mb=ROW_GROUP_MB)
+    new = ParquetReader(DataSource("parquet", shards=str(tmp_path / "new")))
+    assert len(new.manifest.shards[0].row_groups) > 1
+    assert list(iter_rows(new.store)) == list(iter_rows(old.store))
