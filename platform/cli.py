@@ -83,11 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
         "run",
         help="train an experiment on Ray Train, tracked in MLflow (a tune section: a Ray Tune search)",
     )
-    _experiment_args(run)
+    _experiment_args(run, required=False)  # `knet run --resume X.yaml` puts it in --resume: _run moves it
     start = run.add_mutually_exclusive_group()  # continue a run, or start a new one from weights
     start.add_argument(
-        "--resume", action="store_true", help="continue the latest run (or search) of this experiment"
-    )
+        "--resume", nargs="?", const=LATEST, metavar="RUN",
+        help="continue a run (or search) of this experiment from its last checkpoint: RUN (an MLflow run "
+        "id or Ray run name), else the newest one that did not finish",
+    )  # fmt: skip
     start.add_argument(
         "--from-checkpoint", metavar="URI", help="fine-tune from a checkpoint folder or runs:/ URI"
     )
@@ -114,6 +116,26 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--tracking-uri", help=_TRACKING_URI_HELP)
     _experiment_args(evaluate)
     evaluate.set_defaults(command=_eval)
+
+    imported = commands.add_parser(
+        "import-weights", help="register a published K-Net checkpoint (official or mmsegmentation) as a model"
+    )
+    imported.add_argument("checkpoint", type=Path, metavar="CHECKPOINT.pth")
+    imported.add_argument(
+        "--format", required=True, choices=("official-knet", "mmseg-knet"),
+        help="official-knet: ZwwWayne/K-Net panoptic/instance; mmseg-knet: mmsegmentation's semantic K-Net",
+    )  # fmt: skip
+    imported.add_argument("--task", required=True, choices=("panoptic", "instance", "semantic"))
+    imported.add_argument("--name", required=True, help="registered model (and MLflow experiment) name")
+    imported.add_argument(
+        "--classes", metavar="coco|ade20k|FILE.json",
+        help="the classifier's classes: coco, ade20k or a JSON COCO categories list (default: the "
+        "format's dataset, coco or ade20k)",
+    )  # fmt: skip
+    imported.add_argument(
+        "--tracking-uri", help=_TRACKING_URI_HELP.replace("holding the model", "to register in")
+    )
+    imported.set_defaults(command=_import_weights)
 
     data = commands.add_parser("data", help="dataset tools").add_subparsers(required=True, metavar="ACTION")
     synth = data.add_parser("synth", help="write the synthetic shapes dataset (all three formats)")
@@ -158,8 +180,8 @@ def _tracking_uri(args: argparse.Namespace) -> str:
     return args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
 
 
-def _experiment_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("experiment", type=Path, metavar="X.yaml")
+def _experiment_args(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
+    parser.add_argument("experiment", type=Path, metavar="X.yaml", nargs=None if required else "?")
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="dotted override, value parsed as YAML (repeatable), e.g. --set train.lr=2e-4",
@@ -175,6 +197,7 @@ def _load(args: argparse.Namespace):
 def _run(args: argparse.Namespace) -> int:
     from knet_platform.experiment.home import ray_job_home_warning
 
+    _settle_resume(args)
     experiment = _load(args)  # validated before Ray starts
     if experiment.tune is not None:  # the same checks as knet show-config
         from knet_platform.tune.validation import validate_search
@@ -187,8 +210,30 @@ def _run(args: argparse.Namespace) -> int:
         return _search(args, experiment)
     from knet_platform.train.driver import run_experiment
 
-    run_experiment(experiment, resume=args.resume, from_checkpoint=args.from_checkpoint)  # prints its summary
+    run_experiment(
+        experiment,
+        resume=args.resume is not None,
+        resume_run=_resume_run(args),
+        from_checkpoint=args.from_checkpoint,
+    )  # prints its summary
     return 0
+
+
+LATEST = "latest"  # --resume without a RUN
+
+
+def _settle_resume(args: argparse.Namespace) -> None:
+    """``knet run --resume X.yaml``: argparse gave the file to ``--resume``; it is the experiment."""
+    if args.experiment is not None:
+        return
+    if args.resume is not None and args.resume.endswith((".yaml", ".yml")):
+        args.experiment, args.resume = Path(args.resume), LATEST
+        return
+    raise UsageError("knet run needs an experiment file: knet run X.yaml [--resume [RUN]]")
+
+
+def _resume_run(args: argparse.Namespace) -> str | None:
+    return None if args.resume in (None, LATEST) else args.resume
 
 
 def _search(args: argparse.Namespace, experiment) -> int:
@@ -199,7 +244,7 @@ def _search(args: argparse.Namespace, experiment) -> int:
         )
     from knet_platform.tune.search import run_search
 
-    summary = run_search(experiment, resume=args.resume)  # prints the trial table
+    summary = run_search(experiment, resume=args.resume is not None, resume_run=_resume_run(args))
     print(f"model: {summary.model_uri}")
     return 0
 
@@ -256,6 +301,21 @@ def _load_model(args: argparse.Namespace):
         if not isinstance(error, KnetUserError):
             raise
         raise ModelNotFoundError(f"--model {error}") from error
+
+
+def _import_weights(args: argparse.Namespace) -> int:
+    from knet_platform.tracking.import_weights import import_weights, summary
+
+    imported = import_weights(
+        args.checkpoint,
+        format=args.format,
+        task=args.task,
+        name=args.name,
+        classes=args.classes,
+        tracking_uri=_tracking_uri(args),
+    )
+    print(summary(imported))
+    return 0
 
 
 def _data_synth(args: argparse.Namespace) -> int:

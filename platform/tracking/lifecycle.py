@@ -17,14 +17,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from knet_platform.experiment.schema import Experiment
+from knet_platform.redaction import redact_text
 from knet_platform.tracking.registry import RegisteredModel, log_and_register
-from knet_platform.tracking.resume_record import Kind, write_record
+from knet_platform.tracking.resume_record import NAME_KEYS, Kind, write_record
 from knet_platform.tracking.runs import TrackingTarget, create_run, end_run, log_experiment, reopen_run
 from knet_platform.train.checkpoints import model_dir, require_checkpoint
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
 from ray.train import Checkpoint
 
-# The resume record's key for the Ray run (or Tune search) name, and the tag naming it on the run.
-NAME_KEYS: dict[str, str] = {"run": "ray_run_name", "search": "search_name"}
+# The tag naming the Ray run (or Tune search) on its MLflow run; the checkpoint a model version holds.
+CHECKPOINT_TAG = "knet.checkpoint"
 NAME_TAGS: dict[str, str] = {"run": "knet.ray_run_name", "search": "knet.search"}
 
 
@@ -83,9 +86,17 @@ def register_checkpoint(
     target: TrackingTarget, run_id: str, checkpoint: str, *, metric: str, value: float, mode: str
 ) -> RegisteredModel:
     """Log the model bundle inside ``checkpoint`` (a folder or a storage URI Ray Train wrote) as
-    ``run_id``'s pyfunc model, register it and move the alias if ``metric=value`` wins (``mode``)."""
+    ``run_id``'s pyfunc model, register it and move the alias if ``metric=value`` wins (``mode``).
+
+    A checkpoint this run already registered (a resumed run that had finished) is not registered
+    again: its version is returned as it is.
+    """
+    earlier = _registered_version(target, run_id, checkpoint)
+    if earlier is not None:
+        print(f"checkpoint already registered as {earlier.model_uri}; not registering it again")
+        return earlier
     with Checkpoint(checkpoint).as_directory() as folder:  # downloaded when on remote storage
-        return log_and_register(
+        registered = log_and_register(
             model_dir(require_checkpoint(folder)),
             tracking_uri=target.tracking_uri,
             run_id=run_id,
@@ -95,3 +106,29 @@ def register_checkpoint(
             metric_value=value,
             mode=mode,
         )
+    client = MlflowClient(tracking_uri=target.tracking_uri, registry_uri=target.tracking_uri)
+    client.set_model_version_tag(registered.name, registered.version, CHECKPOINT_TAG, redact_text(checkpoint))
+    return registered
+
+
+def _registered_version(target: TrackingTarget, run_id: str, checkpoint: str) -> RegisteredModel | None:
+    """The version of ``target.registered_model`` that ``run_id`` registered from ``checkpoint``, if any."""
+    client = MlflowClient(tracking_uri=target.tracking_uri, registry_uri=target.tracking_uri)
+    name, alias = target.registered_model, target.alias
+    versions = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    for version in versions:
+        if version.tags.get(CHECKPOINT_TAG) == redact_text(checkpoint):
+            try:
+                holder = client.get_model_version_by_alias(name, alias).version
+            except MlflowException:
+                holder = None
+            return RegisteredModel(
+                name=name,
+                version=str(version.version),
+                model_uri=f"models:/{name}/{version.version}",
+                alias=alias,
+                alias_uri=f"models:/{name}@{alias}",
+                is_champion=str(holder) == str(version.version),
+                reason="registered before, by this run",
+            )
+    return None

@@ -22,7 +22,7 @@ from knet_platform.ray_runtime import check_capacity, start_ray, stop_ray
 from knet_platform.redaction import redact_text
 from knet_platform.tracking.lifecycle import TrackedRun, register_checkpoint, tracked_run
 from knet_platform.tracking.registry import RegisteredModel, pinned_requirements
-from knet_platform.tracking.resume_record import latest_record
+from knet_platform.tracking.resume_record import select_record
 from knet_platform.tracking.runs import (
     RunLogger,
     TrackingTarget,
@@ -79,12 +79,17 @@ class RunSummary:
 
 
 def run_experiment(
-    experiment: Experiment, *, resume: bool = False, from_checkpoint: str | None = None
+    experiment: Experiment,
+    *,
+    resume: bool = False,
+    resume_run: str | None = None,
+    from_checkpoint: str | None = None,
 ) -> RunSummary:
     """Train ``experiment`` on Ray Train, track it in MLflow, register the best model.
 
-    resume: continue the latest run of this experiment (same Ray run name and storage path, same MLflow
-    run) from its latest checkpoint. from_checkpoint: a checkpoint folder or an MLflow artifact URI
+    resume: continue a run of this experiment (same Ray run name and storage path, same MLflow run) from
+    its latest checkpoint: ``resume_run`` (its MLflow run id or Ray run name), else the newest run
+    MLflow does not hold as FINISHED. from_checkpoint: a checkpoint folder or an MLflow artifact URI
     (``runs:/<id>/checkpoints/best``) whose weights start this run (fine-tuning).
     """
     if resume and from_checkpoint is not None:
@@ -94,7 +99,7 @@ def run_experiment(
     target = resolve_tracking(experiment)
     validate_for_training(experiment)
     check_tracking_reachable(target.tracking_uri)
-    record = latest_record(target, experiment.name, "run") if resume else None
+    record = select_record(target, experiment.name, "run", resume_run) if resume else None
     ensure_experiment(target)  # refuses a changed artifact location before anything runs
     pinned_requirements()  # the model's serving requirements, before hours of training
     check_before_ray(experiment)  # data index + model on the meta device: bad input fails before Ray

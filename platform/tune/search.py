@@ -28,7 +28,7 @@ from knet_platform.ray_runtime import start_ray, stop_ray
 from knet_platform.redaction import redact, redact_text
 from knet_platform.tracking.lifecycle import TrackedRun, register_checkpoint, tracked_run
 from knet_platform.tracking.registry import RegisteredModel
-from knet_platform.tracking.resume_record import NothingToResumeError, latest_record
+from knet_platform.tracking.resume_record import NothingToResumeError, select_record
 from knet_platform.tracking.runs import (
     TrackingTarget,
     check_tracking_reachable,
@@ -125,10 +125,13 @@ class SearchSummary:
         return "\n".join(lines)
 
 
-def run_search(experiment: Experiment, *, resume: bool = False) -> SearchSummary:
+def run_search(
+    experiment: Experiment, *, resume: bool = False, resume_run: str | None = None
+) -> SearchSummary:
     """Run the experiment's ``tune`` search on Ray Tune; register the best trial's model.
 
-    resume: continue the latest search of this experiment (driver killed): finished trials keep their
+    resume: continue a search of this experiment (driver killed): ``resume_run`` (its MLflow run id or
+    search name), else the newest one MLflow does not hold as FINISHED. Finished trials keep their
     results, unfinished ones continue from their latest checkpoint.
     """
     import ray
@@ -143,7 +146,7 @@ def run_search(experiment: Experiment, *, resume: bool = False) -> SearchSummary
     masked = mask_space(space)  # what Tune sees, prints and stores
     target = resolve_tracking(experiment)
     check_tracking_reachable(target.tracking_uri)
-    record = latest_record(target, experiment.name, "search") if resume else None
+    record = select_record(target, experiment.name, "search", resume_run) if resume else None
     check_before_ray(experiment)  # data index + model on the meta device: bad input fails before Ray
 
     runtime = start_ray(num_cpus=None)

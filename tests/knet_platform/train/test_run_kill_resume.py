@@ -130,6 +130,28 @@ def test_a_killed_run_resumes_in_the_same_mlflow_run_from_its_last_checkpoint_an
     assert champion.run_id == run_id
     assert float(champion.tags["knet.metric_value"]) == pytest.approx(best_metadata["score"]["value"])
 
+    # every recorded run finished: a bare --resume has nothing to continue (it used to re-open the
+    # finished run and register its checkpoint again as a duplicate version) ...
+    again = subprocess.run(
+        _knet_run(overrides, "--resume"), cwd=tmp_path, env=cluster_env(), capture_output=True, text=True
+    )
+    assert again.returncode == 2, again.stderr[-3000:]
+    assert again.stderr.startswith("error: nothing to resume: every recorded run of 'quickstart' finished")
+    # ... and naming the finished run re-opens it without registering its checkpoint a second time
+    versions = len(client.search_model_versions("name = 'quickstart'"))
+    named = subprocess.run(
+        _knet_run(overrides, "--resume", run_id),
+        cwd=tmp_path,
+        env=cluster_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert named.returncode == 0, (named.stdout + named.stderr)[-4000:]
+    assert f"checkpoint already registered as models:/quickstart/{champion.version}" in named.stdout
+    assert len(client.search_model_versions("name = 'quickstart'")) == versions
+    assert client.get_run(run_id).info.status == "FINISHED"
+
 
 def _run_name(record: Path) -> str:
     return json.loads(record.read_text())["ray_run_name"]
