@@ -18,12 +18,15 @@ Ray Train 2.60 would otherwise retry an unplaceable worker group forever. The pe
 
 from __future__ import annotations
 
+import fcntl
 import math
 import os
 import socket
+import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import ray
@@ -87,6 +90,18 @@ def start_ray(
         ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": {PRINT_PATCH_ENV: "0"}})
         _local_ray_started = False
     else:
+        _start_local_ray(num_cpus, object_store_memory, include_dashboard)
+        _local_ray_started = True
+    return RayRuntime(address=address, started_here=True, local=not address)
+
+
+def _start_local_ray(num_cpus: int | None, object_store_memory: int, include_dashboard: bool) -> None:
+    """``ray.init`` of a new local Ray, its dashboard on a free loopback port (8265 when free).
+
+    Choosing the port and binding it are two steps: two ``knet run`` started together both found 8265
+    free and the second one's dashboard failed. Local starts of this user take turns under a lock.
+    """
+    with _start_lock():
         dashboard_port = _dashboard_port()
         if include_dashboard:  # before ray.init, so the raylet and every worker it starts inherit it
             os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{dashboard_port}"
@@ -100,8 +115,17 @@ def start_ray(
             dashboard_port=dashboard_port,
             log_to_driver=True,
         )
-        _local_ray_started = True
-    return RayRuntime(address=address, started_here=True, local=not address)
+
+
+@contextmanager
+def _start_lock() -> Iterator[None]:
+    path = Path(tempfile.gettempdir()) / f"knet-ray-start-{os.getuid()}.lock"
+    with path.open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def stop_ray(runtime: RayRuntime) -> None:

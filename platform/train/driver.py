@@ -31,14 +31,11 @@ from knet_platform.tracking.runs import (
     resolve_tracking,
 )
 from knet_platform.train.checkpoints import require_checkpoint
+from knet_platform.train.failures import describe_failure, memory_kill_message, worker_causes
+from knet_platform.train.init_from import resolve_init_from
 from knet_platform.train.preflight import check_before_ray
-from knet_platform.train.trainer import (
-    build_trainer,
-    describe_failure,
-    fit_with_restarts,
-    validate_for_training,
-    worker_causes,
-)
+from knet_platform.train.trainer import build_trainer, fit_with_restarts, validate_for_training
+from ray.exceptions import OutOfMemoryError
 from ray.train import TrainingFailedError
 from ray.train.torch import TorchTrainer
 
@@ -104,13 +101,16 @@ def run_experiment(
     pinned_requirements()  # the model's serving requirements, before hours of training
     check_before_ray(experiment)  # data index + model on the meta device: bad input fails before Ray
 
-    runtime = start_ray(num_cpus=None)
-    try:
-        check_capacity(experiment.scaling, runtime)
-        with tracked_run(experiment, target, "run", record=record) as run:
-            summary = _fit_and_register(experiment, run, from_checkpoint)
-    finally:
-        stop_ray(runtime)
+    with tempfile.TemporaryDirectory(prefix="knet-init-") as scratch:
+        # model.init_from as a local bundle that fits the model, or one error line before Ray
+        started = resolve_init_from(experiment, target, Path(scratch), from_checkpoint=from_checkpoint)
+        runtime = start_ray(num_cpus=None)
+        try:
+            check_capacity(experiment.scaling, runtime)
+            with tracked_run(experiment, target, "run", record=record) as run:
+                summary = _fit_and_register(started, run, from_checkpoint)
+        finally:
+            stop_ray(runtime)
     print(summary.render())
     return summary
 
@@ -136,7 +136,7 @@ def _fit_and_register(experiment: Experiment, run: TrackedRun, from_checkpoint: 
 
         try:
             result = fit_with_restarts(make_trainer)
-        except TrainingFailedError as error:  # a worker's error (bad data, bad loss, OOM kill...)
+        except (TrainingFailedError, OutOfMemoryError) as error:  # bad data, bad loss, memory kill...
             raise RunFailedError(_failure_message(error)) from error
     metric, mode = experiment.train.metric, experiment.train.mode
     checkpoint, metrics = _best(result.best_checkpoints or [], metric, mode)
@@ -160,8 +160,14 @@ def _fit_and_register(experiment: Experiment, run: TrackedRun, from_checkpoint: 
     )
 
 
-def _failure_message(error: TrainingFailedError) -> str:
+def _failure_message(error: TrainingFailedError | OutOfMemoryError) -> str:
     """One line: what failed, and whether ``--resume`` helps (not for input that fails every time)."""
+    memory = memory_kill_message(error)
+    if memory is not None:
+        return (
+            f"training failed: {memory}. The run is FAILED in MLflow; `knet run --resume` continues "
+            "from the last checkpoint."
+        )
     cause = describe_failure(error)
     if any(is_deterministic(c) for c in worker_causes(error)):
         return f"training failed: {cause}. The run is FAILED in MLflow; fix the cause and start it again."

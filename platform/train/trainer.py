@@ -11,8 +11,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from knet_platform.errors import is_deterministic
 from knet_platform.experiment.building import ExperimentError
+from knet_platform.train.failures import describe_failure, worth_a_restart
 from knet_platform.train.worker import LoopConfig, train_fn_per_worker
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
 from ray.train.torch import TorchTrainer
@@ -32,14 +32,15 @@ def fit_with_restarts(
     happen again (a lost node, a killed process), at most ``max_failures`` times.
 
     Ray Train's own ``FailureConfig`` retries every worker error alike; a bad data file, a bad config
-    or a non-finite loss fails identically on every retry, minutes later. Those end the run at once.
+    or a non-finite loss fails identically on every retry, minutes later, and a worker the memory
+    monitor killed is killed again. Those end the run at once.
     A new trainer of the same name and storage resumes from the run's checkpoint record.
     """
     for restart in range(max_failures + 1):
         try:
             return make_trainer().fit()
         except TrainingFailedError as error:
-            if restart == max_failures or any(is_deterministic(cause) for cause in worker_causes(error)):
+            if restart == max_failures or not worth_a_restart(error):
                 raise
             print(
                 f"knet: training failed ({describe_failure(error)}); restarting the workers from the "
@@ -48,26 +49,6 @@ def fit_with_restarts(
                 flush=True,
             )
     raise AssertionError("unreachable: the last attempt returns or raises")
-
-
-def worker_causes(error: TrainingFailedError) -> list[BaseException]:
-    """The exceptions the workers raised (unwrapped from Ray's task errors), by rank."""
-    failures = getattr(error, "worker_failures", None) or {}
-    return [getattr(failure, "cause", None) or failure for _, failure in sorted(failures.items())]
-
-
-def describe_failure(error: TrainingFailedError) -> str:
-    """The first failed worker's error as one line: ``worker 0: NonFiniteLossError: non-finite ...``;
-    a failure of Ray Train's controller as its last line."""
-    failures = getattr(error, "worker_failures", None) or {}
-    for rank, failure in sorted(failures.items()):
-        cause = getattr(failure, "cause", None) or failure
-        lines = [line for line in str(cause).strip().splitlines() if line.strip()]
-        last = lines[-1] if lines else ""
-        name = type(cause).__name__
-        return f"worker {rank}: {last if last.startswith(name) else f'{name}: {last}'}"
-    lines = [line for line in str(error).strip().splitlines() if line.strip()]
-    return lines[-1] if lines else type(error).__name__
 
 
 def build_trainer(

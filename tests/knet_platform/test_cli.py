@@ -8,6 +8,7 @@ folder of the test's own: Ray creates it on start-up, so "no Ray was started" is
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -35,14 +36,15 @@ class KnetRun:
     ray_started: bool
 
 
-def knet_run(cwd: Path, *args: str) -> KnetRun:
-    """``knet run ARGS`` in a fresh process in ``cwd``, Ray's temp root pointed at a folder of our own."""
+def knet_run(cwd: Path, *args: str, env: dict[str, str] | None = None) -> KnetRun:
+    """``knet run ARGS`` in a fresh process in ``cwd``, Ray's temp root pointed at a folder of our own
+    (``env``: more variables)."""
     ray_root = Path(tempfile.mkdtemp(prefix="kcli-", dir="/tmp")) / "ray"  # short: Unix socket paths
     try:
         result = subprocess.run(
             [str(BIN / "knet"), "run", *args],
             cwd=cwd,
-            env={**cluster_env(), "RAY_TMPDIR": str(ray_root)},
+            env={**cluster_env(), "RAY_TMPDIR": str(ray_root), **(env or {})},
             capture_output=True,
             text=True,
             timeout=600,
@@ -88,7 +90,9 @@ def test_a_bad_experiment_is_reported_in_under_1_5_s_without_loading_torch(tmp_p
         [str(BIN / "knet"), "show-config", str(bad)], env=cluster_env(), capture_output=True, text=True
     )
     elapsed = time.perf_counter() - started
-    assert result.returncode == 2 and result.stderr.startswith("error: unknown key 'train.epocs'"), result.stderr
+    assert result.returncode == 2 and result.stderr.startswith("error: unknown key 'train.epocs'"), (
+        result.stderr
+    )
     assert elapsed < 1.5, f"knet show-config took {elapsed:.2f} s"
     code = (
         "import sys; from knet_platform.cli import main; "
@@ -228,6 +232,24 @@ def test_a_corrupt_image_found_in_training_ends_the_run_at_once_naming_it_withou
     last = run.err.splitlines()[-1]
     assert last.startswith("error: training failed: worker 0: DataError: ") and corrupt.name in last, last
     assert "restarting the workers" not in run.err and "[FailurePolicy] RETRY" not in run.err  # no retry
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_a_process_killed_by_rays_memory_monitor_is_one_line_with_the_figures_and_the_way_on(tmp_path):
+    # Ray's own memory monitor, made to fire at once: it kills as it would at 95% of the memory
+    memory_monitor = {"RAY_memory_usage_threshold": "0.02", "RAY_memory_monitor_refresh_ms": "100"}
+    overrides = [f"--set={o}" for o in tiny_overrides(tmp_path, epochs=1, workers=1)]
+    run = knet_run(tmp_path, str(QUICKSTART), *overrides, env=memory_monitor)
+    assert run.code == 1, run.err[-3000:]
+    assert "Traceback" not in run.err and "this is a bug" not in run.err, run.err[-3000:]
+    last = run.err.splitlines()[-1]
+    assert re.match(
+        r"error: training failed: Ray's memory monitor killed the process running \S+ \(node memory "
+        r"[\d.]+GB used / [\d.]+GB limit, kill threshold 2%\): lower scaling.num_workers, train.batch_size "
+        r"or data.num_workers.*`knet run --resume` continues",
+        last,
+    ), last
 
 
 @pytest.mark.slow
