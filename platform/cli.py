@@ -263,6 +263,8 @@ def _show_config(args: argparse.Namespace) -> int:
     resolved["model"] = used_model_fields(experiment.model_config(None))  # the keys this task reads
     resolved["model"].pop("num_thing_classes")
     resolved["model"].pop("num_stuff_classes")  # class counts come from the dataset at run time
+    if experiment.model.init_from is not None:
+        resolved["model"]["init_from"] = experiment.model.init_from
     shown = redact(resolved)
     print("# resolved; model class counts are filled from the dataset's categories at run time")
     if shown != resolved:

@@ -45,6 +45,9 @@ _HEAVY = {
     "load_tensors": ("knet.safe_load", "load_tensors"),
     "known_categories": ("knet.data.known_categories", "known_categories"),
     "load_official": ("knet.weights", "load_official"),
+    "bundle_config": ("knet.weights.transfer", "bundle_config"),
+    "check_transferable": ("knet.weights.transfer", "check_transferable"),
+    "transfer_from_bundle": ("knet.weights.transfer", "transfer_from_bundle"),
     "Prediction": ("knet.structures", "Prediction"),
     "to_device": ("knet.structures", "to_device"),
     "render_overlay": ("knet.visualize", "render_overlay"),
@@ -76,6 +79,7 @@ if TYPE_CHECKING:
     from knet.structures import Prediction, to_device
     from knet.visualize import render_overlay
     from knet.weights import load_official
+    from knet.weights.transfer import bundle_config, check_transferable, transfer_from_bundle
 
 
 def __getattr__(name: str) -> Any:
@@ -103,8 +107,10 @@ __all__ = [
     "build_config",
     "build_evaluators",
     "build_model",
+    "bundle_config",
     "check_dataset",
     "check_model_builds",
+    "check_transferable",
     "collate_batch",
     "decode_image",
     "denormalize",
@@ -124,6 +130,7 @@ __all__ = [
     "render_overlay",
     "synthesize",
     "to_device",
+    "transfer_from_bundle",
     "used_model_fields",
     "with_class_counts",
     "write_bundle",

@@ -265,10 +265,22 @@ class ModelSection:
     def to_dict(self) -> dict[str, Any]:
         return dict(self.written)
 
+    @property
+    def init_from(self) -> str | None:
+        """``model.init_from``: the model whose weights start this run (a ``models:/`` or ``runs:/`` URI,
+        a bundle or checkpoint folder); its class-specific layers start afresh when its classes differ."""
+        return self.written.get(INIT_FROM)
+
+    def with_init_from(self, source: str) -> ModelSection:
+        """This section with ``init_from`` replaced (the driver ships the downloaded local folder)."""
+        return ModelSection(written={**self.written, INIT_FROM: source}, config=self.config)
+
     def bind(self, task: str) -> KNetConfig:
         """Build (once) and return the section's config for ``task``; errors name the model key."""
         if self.config is None or self.config.task != task:
             section = dict(self.written)
+            _check_init_from(section.pop(INIT_FROM, None))
+            _check_model_key_names(section)
             if section.pop("task", task) != task:
                 raise ExperimentError(
                     f"model.task={self.written['task']!r} differs from task={task!r}: remove model.task"
@@ -296,6 +308,27 @@ class ModelSection:
                 )
         assert self.config is not None, "ModelSection.bind runs when the experiment is built"
         return with_class_counts(self.config, categories)
+
+
+INIT_FROM = "init_from"  # the one model key that is not a KNetConfig field
+
+
+def _check_init_from(value: Any) -> None:
+    require(
+        value is None or (isinstance(value, str) and value.strip() != ""),
+        f"model.{INIT_FROM}",
+        f"must be a model URI (models:/NAME@ALIAS, runs:/...) or a folder, got {value!r}",
+    )
+
+
+def _check_model_key_names(section: dict[str, Any]) -> None:
+    """An unknown top-level model key, with a did-you-mean over the config fields and ``init_from``."""
+    known = [f.name for f in dataclasses.fields(KNetConfig)] + [INIT_FROM]
+    for key in section:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f"did you mean 'model.{close[0]}'?" if close else f"known keys: {', '.join(known)}"
+            raise ExperimentError(f"model.{key}: is unknown; {hint}")
 
 
 @dataclass
@@ -382,6 +415,9 @@ class Experiment:
                         )
                     value = value.replace(SYNTHETIC_PLACEHOLDER, synthetic.cache_dir)
                 setattr(source, name, str(_absolute(value, base_dir)))
+        init_from = self.model.init_from
+        if isinstance(init_from, str) and init_from.strip() and not _is_uri(init_from):
+            self.model = self.model.with_init_from(str(_absolute(init_from, base_dir)))
         for name in ("storage_path", "artifact_location"):
             value = getattr(self.tracking, name)
             if value and "://" not in value:
@@ -397,6 +433,7 @@ class Experiment:
                 f"model.backbone.pretrained_path: {weights} does not exist. Point it at a local weights "
                 "file (nothing is downloaded) or set it to null for random initialisation."
             )
+        self._check_init_from()
         metric = self.train.metric
         if metric.startswith("val/"):
             require(
@@ -438,6 +475,22 @@ class Experiment:
                     "resolved against the YAML file's folder) or add a data.synthetic section."
                 )
 
+    def _check_init_from(self) -> None:
+        source = self.model.init_from
+        if source is None:
+            return
+        require(
+            self.tune is None,
+            f"model.{INIT_FROM}",
+            "a search starts every trial from scratch; remove the tune section to fine-tune",
+        )
+        require(
+            _is_uri(source) or Path(source).is_dir(),
+            f"model.{INIT_FROM}",
+            f"{source} is not a folder; give a model bundle or checkpoint folder (relative paths are "
+            "resolved against the YAML file's folder) or a model URI such as models:/NAME@champion",
+        )
+
 
 _VAL_METRICS = {
     "panoptic": (
@@ -461,7 +514,7 @@ _VAL_METRICS = {
     "semantic": ("miou", "macc", "aacc"),
 }
 # every dotted key an override may set inside the model section (the same fields for every task)
-MODEL_KEYS = {f"model.{key}" for key in model_keys(KNetConfig())}
+MODEL_KEYS = {f"model.{key}" for key in model_keys(KNetConfig())} | {f"model.{INIT_FROM}"}
 
 
 def load_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Experiment:
@@ -514,6 +567,11 @@ def flatten_params(experiment: Experiment) -> dict[str, str]:
 
 
 # ---- strict building from dicts ------------------------------------------------------------
+
+
+def _is_uri(value: str) -> bool:
+    """``models:/...``, ``runs:/...``, ``mlflow-artifacts:/...`` or any ``scheme://``, not a local path."""
+    return "://" in value or value.startswith(("models:/", "runs:/", "mlflow-artifacts:/"))
 
 
 def _absolute(value: str, base: Path) -> Path:

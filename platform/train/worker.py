@@ -34,6 +34,7 @@ from knet_platform.knet_adapter import (
     reduces_zero_label,
     render_overlay,
     to_device,
+    transfer_from_bundle,
     write_bundle,
 )
 from knet_platform.tracking.runs import RunLogger, system_info
@@ -212,7 +213,7 @@ def _optimisation(
 
 def _restore(run: WorkerRun) -> bool:
     """Continue from Ray's latest checkpoint (a restarted worker group, ``--resume``) or the driver's
-    ``resume_from``; else start from ``init_weights_from``'s weights when fine-tuning. True if resumed."""
+    ``resume_from``; else start a new run from :func:`_init_weights`. True if resumed."""
     ray_checkpoint = ray.train.get_checkpoint()  # Ray
     if ray_checkpoint is not None:
         with ray_checkpoint.as_directory() as folder:
@@ -220,10 +221,7 @@ def _restore(run: WorkerRun) -> bool:
     elif run.loop.resume_from is not None:
         state, weights = load_checkpoint(run.loop.resume_from), load_model_weights(run.loop.resume_from)
     else:
-        if run.loop.init_weights_from is not None:
-            run.core.load_state_dict(load_model_weights(run.loop.init_weights_from))
-            if run.rank == 0:
-                print(f"fine-tuning from the weights in {run.loop.init_weights_from}")
+        _init_weights(run)
         return False
     run.core.load_state_dict(weights)
     run.optimizer.load_state_dict(state.optimizer)
@@ -235,6 +233,20 @@ def _restore(run: WorkerRun) -> bool:
     if run.rank == 0:
         print(f"resuming at epoch {run.epoch + 1} (step {run.global_step})")
     return True
+
+
+def _init_weights(run: WorkerRun) -> None:
+    """A new run's starting weights: ``--from-checkpoint``'s (our own model, loaded whole) or
+    ``model.init_from``'s (a bundle the driver made local; its class-specific layers start afresh when
+    its classes are not the dataset's). Neither: the model's own initialisation."""
+    if run.loop.init_weights_from is not None:
+        run.core.load_state_dict(load_model_weights(run.loop.init_weights_from))
+        if run.rank == 0:
+            print(f"fine-tuning from the weights in {run.loop.init_weights_from}")
+    elif run.experiment.model.init_from is not None:
+        report = transfer_from_bundle(run.core, run.experiment.model.init_from, run.datasets.categories)
+        for line in report.lines() if run.rank == 0 else ():
+            print(f"init_from: {line}")
 
 
 def _restore_rng(run: WorkerRun, state: TrainingState) -> None:
