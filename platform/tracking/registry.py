@@ -270,6 +270,12 @@ def _beats_champion(
     except MlflowException:
         return True, f"no version held '{alias}' yet"
     tags = champion.tags
+    if METRIC_TAG not in tags:  # registered without a metric (register_unscored: imported weights)
+        return False, (
+            f"version {champion.version} holds '{alias}' without a metric (imported weights); compare the "
+            f"two with knet eval and move the alias by hand if this model should win: "
+            f"MlflowClient().set_registered_model_alias({name!r}, {alias!r}, <version>)"
+        )
     if tags.get(METRIC_TAG) != metric or tags.get(MODE_TAG) != mode:
         return False, (
             f"version {champion.version} holds '{alias}' by {tags.get(METRIC_TAG)!r} ({tags.get(MODE_TAG)}), "

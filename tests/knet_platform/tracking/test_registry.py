@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from knet_platform.tracking.registry import download_model, log_and_register
+from knet_platform.tracking.registry import download_model, log_and_register, register_unscored
 from knet_platform.tracking.runs import create_run, resolve_tracking
 from mlflow.tracking import MlflowClient
 
@@ -73,6 +73,26 @@ def test_a_model_ranked_by_another_metric_never_takes_the_alias_silently(store) 
     _register(target, bundle, 40.0)
     other = _register(target, bundle, 0.01, metric="train/loss", mode="min")
     assert not other.is_champion and "not comparable" in other.reason and _champion(target) == "1"
+
+
+def test_a_version_without_a_metric_takes_the_alias_only_when_free_and_keeps_it_until_moved(store) -> None:
+    target, bundle = store
+
+    def unscored():
+        run_id = create_run(target, "imported")
+        return register_unscored(
+            bundle, tracking_uri=target.tracking_uri, run_id=run_id, registered_model="reg",
+            alias="champion", tags={"knet.import_format": "official-knet"},
+        )  # fmt: skip
+
+    first = unscored()
+    assert first.is_champion and _champion(target) == "1"
+    assert _client(target).get_model_version("reg", "1").tags["knet.import_format"] == "official-knet"
+    second = unscored()
+    assert not second.is_champion and "has no metric" in second.reason and _champion(target) == "1"
+    trained = _register(target, bundle, 40.0)  # nothing to compare with: the alias is moved by hand
+    assert not trained.is_champion and "without a metric (imported weights)" in trained.reason
+    assert _champion(target) == "1"
 
 
 def test_download_model_returns_the_logged_bundle_folder(store, tmp_path: Path) -> None:
