@@ -148,12 +148,17 @@ def _class_file(path: Path, task: str) -> CategoryTable:
 def _check_classes(config: KNetConfig, categories: CategoryTable, classes: str) -> None:
     model = (config.num_thing_classes, config.num_stuff_classes)
     listed = (categories.num_thing_classes, categories.num_stuff_classes)
-    if model != listed:
-        raise ImportWeightsError(
-            f"the checkpoint's {config.task} model has {model[0]} thing + {model[1]} stuff classes but "
-            f"--classes {classes} lists {listed[0]} + {listed[1]}: pass the class list it was trained with "
-            "(a JSON COCO categories list in the classifier's order)"
-        )
+    if model == listed:
+        return
+    hint = "pass the class list it was trained with (a JSON COCO categories list in the classifier's order)"
+    if config.task == "panoptic" and model[1] == 0:
+        hint = "its classifier has no stuff rows: is it an instance checkpoint (--task instance)?"
+    elif config.task == "instance" and sum(model) == sum(listed) + 53 == 133:
+        hint = "133 classes are COCO panoptic's: is it a panoptic checkpoint (--task panoptic)?"
+    raise ImportWeightsError(
+        f"the checkpoint's {config.task} model has {model[0]} thing + {model[1]} stuff classes but "
+        f"--classes {classes} lists {listed[0]} + {listed[1]}: {hint}"
+    )
 
 
 def _target(tracking_uri: str, name: str) -> TrackingTarget:

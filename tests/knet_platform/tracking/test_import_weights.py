@@ -27,13 +27,15 @@ from tests.knet_platform.tiny_run import BIN, QUICKSTART
 pytestmark = pytest.mark.mlflow
 
 
-def small_checkpoint(path: Path, *, rename: dict[str, str] | None = None) -> KNetConfig:
+def small_checkpoint(
+    path: Path, *, rename: dict[str, str] | None = None, task: str = "panoptic"
+) -> KNetConfig:
     """A panoptic K-Net for the synthetic classes (3 things + 2 stuff), saved as the official code saves
     its checkpoints; ``rename``: reference keys to write under another name."""
     config = KNetConfig.for_task(
-        "panoptic",
+        task,
         num_thing_classes=3,
-        num_stuff_classes=2,
+        num_stuff_classes=2 if task == "panoptic" else 0,
         backbone="resnet18",
         channels=32,
         num_proposals=4,
@@ -185,6 +187,11 @@ def test_a_class_list_of_another_size_is_refused(tmp_path, capsys, monkeypatch):
     )
     code, _, err = _run(tmp_path, capsys, *args, "--classes", "ade20k")
     assert code == 2 and "--classes ade20k is the semantic models' list" in err[0]
+    small_checkpoint(tmp_path / "instance.pth", task="instance")
+    code, _, err = _run(
+        tmp_path, capsys, str(tmp_path / "instance.pth"), *args[1:], "--classes", str(class_file(tmp_path))
+    )
+    assert code == 2 and "no stuff rows: is it an instance checkpoint (--task instance)?" in err[0]
 
 
 def test_an_imported_mmseg_checkpoint_is_evaluated_on_a_semantic_dataset(tmp_path, capsys, monkeypatch):
