@@ -1,0 +1,110 @@
+"""``model.init_from``: a run starts from a registered model trained on other classes. The class-specific
+layers start afresh (one printed line per group), the rest is loaded, and a model that does not fit, an
+unknown URI or ``--from-checkpoint`` beside it is one error line before Ray starts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from knet_platform.experiment.schema import Experiment, load_experiment
+from knet_platform.knet_adapter import KNetConfig
+from knet_platform.tracking.registry import log_and_register
+from mlflow.tracking import MlflowClient
+
+from knet import build_model
+from knet.bundle import save_bundle
+from knet.data import Category, CategoryTable, TransformConfig
+from tests.knet_platform.test_cli import assert_one_error_line, knet_run
+from tests.knet_platform.tiny_run import QUICKSTART, tiny_overrides
+
+# a source trained on 8 things and 4 stuff classes; the synthetic data has 3 things and 2 stuff
+SOURCE_CLASSES = CategoryTable(
+    [Category(i + 1, f"thing{i}", True) for i in range(8)]
+    + [Category(i + 100, f"stuff{i}", False) for i in range(4)]
+)
+SMALL_DATA = ["data.synthetic.num_images=16", "train.log_every=0"]
+
+
+def tiny_args(tmp_path: Path, *extra: str, epochs: int = 1) -> list[str]:
+    overrides = [*tiny_overrides(tmp_path, epochs=epochs, workers=1), *SMALL_DATA, *extra]
+    return [str(QUICKSTART), *(arg for value in overrides for arg in ("--set", value))]
+
+
+def tiny_experiment(tmp_path: Path, *extra: str) -> Experiment:
+    return load_experiment(str(QUICKSTART), [*tiny_overrides(tmp_path, workers=1), *SMALL_DATA, *extra])
+
+
+def write_source_bundle(tmp_path: Path, *extra: str) -> Path:
+    """A bundle of the tiny experiment's model (with ``extra`` model overrides) for SOURCE_CLASSES."""
+    config = tiny_experiment(tmp_path, *extra).model_config()
+    config = KNetConfig.from_dict({**config.to_dict(), "num_thing_classes": 8, "num_stuff_classes": 4})
+    torch.manual_seed(3)
+    return save_bundle(tmp_path / "source", build_model(config), config, SOURCE_CLASSES, TransformConfig())
+
+
+def register_source(bundle: Path, tracking_uri: str) -> str:
+    """Register ``bundle`` as ``models:/coco-like@champion`` in the test's MLflow store."""
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    run = client.create_run(client.create_experiment("coco-like"))
+    log_and_register(
+        bundle, tracking_uri=tracking_uri, run_id=run.info.run_id, registered_model="coco-like",
+        alias="champion", metric="val/pq", metric_value=0.0, mode="max",
+    )  # fmt: skip
+    client.set_terminated(run.info.run_id)
+    return "models:/coco-like@champion"
+
+
+def test_a_model_of_another_width_is_refused_before_ray_naming_the_keys(tmp_path: Path) -> None:
+    source = write_source_bundle(tmp_path, "model.channels=64")
+    run = knet_run(tmp_path, *tiny_args(tmp_path, f"model.init_from={source}"))
+    line = assert_one_error_line(run, "model.init_from: the weights do not fit the model;", alone=False)
+    assert (
+        "of another shape: neck.lateral_convs.0.weight [64, 64, 1, 1] (the model needs [32, 64, 1, 1])"
+        in line
+    )
+    assert "channels=64 (here 32)" in line and not run.ray_started
+
+
+def test_an_unknown_model_uri_is_refused_before_ray(tmp_path: Path) -> None:
+    run = knet_run(tmp_path, *tiny_args(tmp_path, "model.init_from=models:/nothing@champion"))
+    assert_one_error_line(run, "model.init_from: models:/nothing@champion: ", alone=False)
+    assert not run.ray_started
+
+
+def test_init_from_and_from_checkpoint_together_are_refused_before_ray(tmp_path: Path) -> None:
+    source = write_source_bundle(tmp_path)
+    run = knet_run(
+        tmp_path, *tiny_args(tmp_path, f"model.init_from={source}"), "--from-checkpoint", str(source)
+    )
+    assert_one_error_line(run, "model.init_from starts a new model from another one's weights", alone=False)
+    assert not run.ray_started
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.mlflow
+def test_fine_tuning_a_registered_model_on_other_classes_reinitialises_the_class_layers_and_learns(
+    tmp_path: Path,
+) -> None:
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(tracking_uri)
+    source = register_source(write_source_bundle(tmp_path), tracking_uri)
+    run = knet_run(
+        tmp_path,
+        *tiny_args(tmp_path, f"model.init_from={source}", "train.max_steps_per_epoch=4", epochs=3),
+    )
+    assert run.code == 0, run.err[-3000:]
+    printed = run.out + run.err
+    assert (
+        "init_from: re-initialised kernel_head.conv_seg (dense classifier and stuff kernels: 12 -> 5 classes)"
+        in printed
+    )
+    assert "init_from: re-initialised stages.*.fc_cls (class FCs: 12 -> 5 classes)" in printed
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    (version,) = client.search_model_versions("name='quickstart'")
+    losses = sorted(client.get_metric_history(version.run_id, "train/loss"), key=lambda m: m.step)
+    assert [m.step for m in losses] == [1, 2, 3] and losses[-1].value < losses[0].value, losses
+    assert client.get_run(version.run_id).data.params["model.init_from"] == source
