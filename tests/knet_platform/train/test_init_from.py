@@ -9,6 +9,9 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
+import yaml
+from knet_platform.cli import main
+from knet_platform.experiment.building import ExperimentError
 from knet_platform.experiment.schema import Experiment, load_experiment
 from knet_platform.knet_adapter import KNetConfig
 from knet_platform.tracking.registry import log_and_register
@@ -18,7 +21,7 @@ from knet import build_model
 from knet.bundle import save_bundle
 from knet.data import Category, CategoryTable, TransformConfig
 from tests.knet_platform.test_cli import assert_one_error_line, knet_run
-from tests.knet_platform.tiny_run import QUICKSTART, tiny_overrides
+from tests.knet_platform.tiny_run import QUICKSTART, REPO, tiny_overrides
 
 # a source trained on 8 things and 4 stuff classes; the synthetic data has 3 things and 2 stuff
 SOURCE_CLASSES = CategoryTable(
@@ -55,6 +58,31 @@ def register_source(bundle: Path, tracking_uri: str) -> str:
     )  # fmt: skip
     client.set_terminated(run.info.run_id)
     return "models:/coco-like@champion"
+
+
+def test_init_from_is_a_validated_model_key_that_show_config_prints(
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "source").mkdir()
+    assert main(["show-config", str(QUICKSTART), "--set", "model.init_from=models:/coco-like@champion"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["model"]["init_from"] == "models:/coco-like@champion"
+    written = yaml.safe_load(QUICKSTART.read_text())
+    written["model"]["init_fron"] = "source"
+    with pytest.raises(
+        ExperimentError, match=r"model.init_fron: is unknown; did you mean 'model.init_from'\?"
+    ):
+        Experiment.from_dict(written, base_dir=tmp_path)
+    del written["model"]["init_fron"]
+    written["model"]["init_from"] = "source"  # a folder, relative to the YAML's
+    assert Experiment.from_dict(written, base_dir=tmp_path).model.init_from == str(tmp_path / "source")
+    written["model"]["init_from"] = "missing"
+    with pytest.raises(ExperimentError, match="model.init_from: .*missing is not a folder"):
+        Experiment.from_dict(written, base_dir=tmp_path)
+    tune = load_experiment(REPO / "experiments" / "tune_quickstart.yaml").to_dict()
+    tune["model"]["init_from"] = "models:/coco-like@champion"
+    with pytest.raises(ExperimentError, match="model.init_from: a search starts every trial from scratch"):
+        Experiment.from_dict(tune)
 
 
 def test_a_model_of_another_width_is_refused_before_ray_naming_the_keys(tmp_path: Path) -> None:
