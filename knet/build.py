@@ -99,6 +99,7 @@ def assemble_model(cfg: KNetConfig, *, criterion: Criterion, postprocessor: Post
         postprocessor=postprocessor,
         num_classes=cfg.num_classes,
         size_divisor=cfg.size_divisor,
+        test_size_divisor=cfg.test_size_divisor,
     )
 
 

@@ -171,6 +171,15 @@ class InferenceConfig:
         _require_probability("inference", "overlap_thr", self.overlap_thr)
 
 
+# The ImageNet backbone each reference starts from: mmdet's K-Net uses torchvision's ResNet-50 (7x7 stem,
+# ``torchvision://resnet50``), mmseg's K-Net a ResNetV1c (deep 3x3 stem, ``open-mmlab://resnet50_v1c``),
+# which is timm's ``resnet50c``.
+REFERENCE_BACKBONES: dict[str, str] = {
+    "panoptic": "resnet50",
+    "instance": "resnet50",
+    "semantic": "resnet50c",
+}
+
 _NESTED: dict[str, type] = {
     "backbone": BackboneConfig,
     "update": KernelUpdateConfig,
@@ -189,6 +198,11 @@ class KNetConfig:
     num_proposals: N thing kernels (panoptic adds one kernel per stuff class).
     decode_head / aux_head: the semantic variant's kernel-generating head and auxiliary FCN head; there
       ``channels`` is the decode head's width and the kernels are one per class (num_proposals unused).
+    size_divisor: training images are zero-padded (bottom/right) to a multiple of it.
+    test_size_divisor: the same at test time; 1 = no padding. The references differ: mmdet's K-Net test
+      pipeline pads to 32 (panoptic/instance: their stride-8 localization FPN needs it), mmseg's runs each
+      semantic image unpadded (the ``for_task("semantic")`` preset sets 1). Padding changes the semantic
+      labels near the image border, so an mmseg checkpoint scores its published mIoU only unpadded.
     """
 
     task: Task = "panoptic"
@@ -198,6 +212,7 @@ class KNetConfig:
     num_stages: int = 3
     channels: int = 256
     size_divisor: int = 32
+    test_size_divisor: int = 32
     decode_head: DecodeHead = "uper"
     aux_head: bool = True
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
@@ -250,6 +265,20 @@ class KNetConfig:
             self.size_divisor > 0 and self.size_divisor % 32 == 0,
             f"size_divisor must be a positive multiple of 32 (the backbone's stride), got {self.size_divisor}",
         )
+        self._check_test_size_divisor()
+
+    def _check_test_size_divisor(self) -> None:
+        """Semantic: any divisor >= 1 (its decode heads resize between levels); panoptic/instance: a
+        multiple of 32, because the localization FPN adds x2-upsampled stride-32 maps to stride-8 ones."""
+        divisor = self.test_size_divisor
+        if self.task == "semantic":
+            _require(divisor >= 1, f"test_size_divisor must be >= 1 (1 = no padding), got {divisor}")
+        else:
+            _require(
+                divisor > 0 and divisor % 32 == 0,
+                f"test_size_divisor must be a positive multiple of 32 for task {self.task!r} (its "
+                f"localization FPN needs input sizes divisible by 32), got {divisor}",
+            )
 
     @property
     def num_classes(self) -> int:
@@ -280,34 +309,37 @@ class KNetConfig:
         *,
         num_thing_classes: int,
         num_stuff_classes: int,
-        backbone: str | dict[str, Any] = "resnet50",
+        backbone: str | dict[str, Any] | None = None,
         **overrides: Any,
     ) -> KNetConfig:
         """The paper's settings for ``task`` with the given class counts; ``overrides`` are top-level
         fields (nested sections as dicts or config objects), e.g. ``num_proposals=50``,
         ``update={"conv_kernel_size": 3}``. ``backbone`` is a timm name or a backbone section
-        (``{"name": "resnet18", "frozen_stages": -1}``) merged over the task's preset."""
+        (``{"name": "resnet18", "frozen_stages": -1}``) merged over the task's preset; None, or a section
+        without a name, keeps the reference's backbone (``REFERENCE_BACKBONES``)."""
         _require(task in TASKS, f"task must be one of {TASKS}, got {task!r}")
         data: dict[str, Any] = {
             "task": task,
             "num_thing_classes": num_thing_classes,
             "num_stuff_classes": num_stuff_classes,
-            "backbone": {"name": backbone} if isinstance(backbone, str) else {},
+            "backbone": {"name": backbone if isinstance(backbone, str) else REFERENCE_BACKBONES[task]},
         }
         if task == "instance":
             data["inference"] = {"panoptic_on": False, "instance_on": True, "semantic_on": False}
         elif task == "semantic":
             # Semantic R50 (mmseg): BN is trained, nothing frozen; the ResNet runs undilated for UPerNet
             # (256 channels) and dilated to output stride 8 for the 512-d FCN/PSP/ASPP heads, whose
-            # update stages run a 256-d KernelUpdator on kernel halves (spec section 3).
+            # update stages run a 256-d KernelUpdator on kernel halves (spec section 3). mmseg tests
+            # every image unpadded (its test pipeline has no Pad), mmdet's K-Net pads to 32.
             data["backbone"].update({"frozen_stages": -1, "norm_eval": False})
+            data["test_size_divisor"] = 1
             data["inference"] = {"panoptic_on": False, "instance_on": False, "semantic_on": True}
             if overrides.get("decode_head", "uper") != "uper":
                 data["backbone"]["output_stride"] = 8
                 if "channels" not in overrides:  # another width: the updator runs at that width
                     data["channels"] = 512
                     data["update"] = {"updator_channels": 256}
-        if not isinstance(backbone, str):
+        if isinstance(backbone, dict):
             overrides = {**overrides, "backbone": backbone}
         for key, value in overrides.items():
             if key in _NESTED and isinstance(value, dict) and isinstance(data.get(key), dict):
@@ -330,8 +362,9 @@ class KNetConfig:
 
     @classmethod
     def ade20k_semantic_upernet_r50(cls) -> KNetConfig:
-        """knet_s3_upernet_r50 on ADE20K: 150 class kernels, UPerNet decode head, aux FCN head, on a
-        ResNetV1c (deep stem: timm's resnet50c) as mmseg's R-50 configs."""
+        """The original K-Net's knet_s3_upernet_r50 on ADE20K (ZwwWayne/K-Net, 43.6 mIoU): 150 class
+        kernels, a 256-channel UPerNet decode head and 256-d stages, aux FCN head, on a ResNetV1c (deep
+        stem: timm's resnet50c). Its released checkpoint has these widths (docs/model-presets.md)."""
         return cls.for_task(
             "semantic",
             num_thing_classes=0,
@@ -339,4 +372,20 @@ class KNetConfig:
             backbone="resnet50c",
             decode_head="uper",
             aux_head=True,
+        )
+
+    @classmethod
+    def ade20k_semantic_upernet_r50_mmseg(cls) -> KNetConfig:
+        """mmsegmentation's re-trained K-Net UPerNet R-50 (knet-s3_r50-d8_upernet_8xb2-adamw-80k_ade20k,
+        43.45 mIoU): the same model at 512 channels (UPerNet, kernels, attention, FFN and mask FCs) with
+        a 256-d KernelUpdator run on kernel halves, as in mmseg's checkpoint; aux head 256 channels."""
+        return cls.for_task(
+            "semantic",
+            num_thing_classes=0,
+            num_stuff_classes=150,
+            backbone="resnet50c",
+            decode_head="uper",
+            aux_head=True,
+            channels=512,
+            update={"updator_channels": 256},
         )

@@ -32,7 +32,10 @@ class KNet(nn.Module):
     ``output_sizes`` (eval only; per image, usually its size before the test-time resize): predict at
     that size instead, resizing probabilities bilinearly before thresholds and merging, as the
     reference's ``rescale=True`` does.
-    Images are zero-padded bottom/right to a multiple of ``size_divisor`` before the backbone.
+    Images are zero-padded bottom/right to a multiple of ``size_divisor`` before the backbone in training
+    and to a multiple of ``test_size_divisor`` in eval mode. ``test_size_divisor`` 1 means no padding, as
+    mmseg's test pipeline: then each image of a batch whose images differ in size runs alone at its own
+    size, so the batch's padding never reaches the network either.
     """
 
     def __init__(
@@ -46,6 +49,7 @@ class KNet(nn.Module):
         postprocessor: PostProcessor,
         num_classes: int,
         size_divisor: int,
+        test_size_divisor: int,
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -56,6 +60,7 @@ class KNet(nn.Module):
         self.postprocessor = postprocessor
         self.num_classes = num_classes
         self.size_divisor = size_divisor
+        self.test_size_divisor = test_size_divisor
 
     def forward(
         self,
@@ -72,7 +77,10 @@ class KNet(nn.Module):
             if outputs is not None:
                 raise ValueError("output_sizes applies to predictions: call model.eval() first")
             self._check_targets(targets, sizes)
-        padded = self._pad(images)
+        batch_size = tuple(images.shape[-2:])
+        if not self.training and self.test_size_divisor == 1 and any(s != batch_size for s in sizes):
+            return self._predict_each_unpadded(images, sizes, outputs)
+        padded = self._pad(images, self.size_divisor if self.training else self.test_size_divisor)
         padded_size = (padded.shape[-2], padded.shape[-1])
         head, stages = self.predict_stages(padded)
         if self.training:
@@ -80,6 +88,29 @@ class KNet(nn.Module):
                 return self.criterion(
                     head=head, stages=stages, targets=targets, image_sizes=sizes, padded_size=padded_size
                 )
+        return self._postprocess(head, stages, sizes, padded_size, outputs)
+
+    def _predict_each_unpadded(
+        self, images: Tensor, sizes: list[tuple[int, int]], outputs: list[tuple[int, int]] | None
+    ) -> list[Prediction]:
+        """Eval without padding: each image cropped to its own size (the batch's padding removed) and run
+        alone, as mmseg tests one unpadded image at a time."""
+        predictions: list[Prediction] = []
+        for index, (height, width) in enumerate(sizes):
+            image = images[index : index + 1, :, :height, :width]  # (1, 3, h, w)
+            head, stages = self.predict_stages(image)
+            output = [outputs[index]] if outputs is not None else None
+            predictions += self._postprocess(head, stages, [(height, width)], (height, width), output)
+        return predictions
+
+    def _postprocess(
+        self,
+        head: KernelHeadOutput,
+        stages: list[StageOutput],
+        sizes: list[tuple[int, int]],
+        padded_size: tuple[int, int],
+        outputs: list[tuple[int, int]] | None,
+    ) -> list[Prediction]:
         with record_function("knet.postprocess"):
             last = stages[-1] if stages else None
             cls_logits = last.cls_logits if last is not None else None
@@ -109,10 +140,11 @@ class KNet(nn.Module):
                 kernels, mask_logits = output.kernels, output.mask_logits
         return head, stages
 
-    def _pad(self, images: Tensor) -> Tensor:
+    @staticmethod
+    def _pad(images: Tensor, divisor: int) -> Tensor:
         height, width = images.shape[-2:]
-        pad_h = -height % self.size_divisor
-        pad_w = -width % self.size_divisor
+        pad_h = -height % divisor
+        pad_w = -width % divisor
         if pad_h == 0 and pad_w == 0:
             return images
         return F.pad(images, (0, pad_w, 0, pad_h))  # zeros at the bottom/right

@@ -88,11 +88,66 @@ def test_unknown_top_level_key_suggests_the_closest() -> None:
         ({"loss": {"dice_weight": -1}}, "loss.dice_weight"),
         ({"inference": {"overlap_thr": 2}}, "inference.overlap_thr"),
         ({"task": "instance", "num_stuff_classes": 3}, "num_stuff_classes"),
+        ({"test_size_divisor": 1}, "test_size_divisor must be a positive multiple of 32 for task 'panoptic'"),
+        ({"task": "instance", "num_stuff_classes": 0, "test_size_divisor": 48}, "test_size_divisor"),
+        ({"task": "semantic", "test_size_divisor": 0}, r"test_size_divisor must be >= 1 \(1 = no padding\)"),
     ],
 )
 def test_invalid_values_raise_an_error_naming_the_field(data: dict, field: str) -> None:
     with pytest.raises(ValueError, match=field.replace(".", r"\.")):
         KNetConfig.from_dict(data)
+
+
+def test_test_time_padding_follows_each_reference_test_pipeline() -> None:
+    """mmdet's K-Net test pipeline pads to 32 (Pad size_divisor=32); mmseg's has no Pad (1 = unpadded).
+    Training pads to 32 in both."""
+    for task, things, stuff in (("panoptic", 80, 53), ("instance", 80, 0)):
+        cfg = KNetConfig.for_task(task, num_thing_classes=things, num_stuff_classes=stuff)
+        assert (cfg.size_divisor, cfg.test_size_divisor) == (32, 32)
+    for cfg in (KNetConfig.ade20k_semantic_upernet_r50(), KNetConfig.ade20k_semantic_upernet_r50_mmseg()):
+        assert (cfg.size_divisor, cfg.test_size_divisor) == (32, 1)
+    padded = KNetConfig.for_task("semantic", num_thing_classes=0, num_stuff_classes=4, test_size_divisor=32)
+    assert padded.test_size_divisor == 32 and KNetConfig.from_dict(padded.to_dict()) == padded
+    with pytest.raises(ValueError, match="'test_size_divisor' must be an integer, got '1'"):
+        KNetConfig.from_dict({"task": "semantic", "test_size_divisor": "1"})
+
+
+def test_each_task_defaults_to_the_backbone_its_reference_starts_from() -> None:
+    """torchvision's ResNet-50 (7x7 stem) for mmdet's K-Net, ResNetV1c (deep stem, timm's resnet50c) for
+    mmseg's; a backbone section without a name keeps the task's reference backbone."""
+    names = {
+        task: KNetConfig.for_task(
+            task, num_thing_classes=3, num_stuff_classes=2 * (task != "instance")
+        ).backbone.name
+        for task in ("panoptic", "instance", "semantic")
+    }
+    assert names == {"panoptic": "resnet50", "instance": "resnet50", "semantic": "resnet50c"}
+    section = KNetConfig.for_task(
+        "semantic", num_thing_classes=0, num_stuff_classes=4, backbone={"frozen_stages": 0}
+    )
+    assert (section.backbone.name, section.backbone.frozen_stages) == ("resnet50c", 0)
+    assert (
+        KNetConfig.for_task(
+            "semantic", num_thing_classes=0, num_stuff_classes=4, backbone="resnet18"
+        ).backbone.name
+        == "resnet18"
+    )
+
+
+def test_the_two_upernet_presets_have_the_widths_of_their_released_checkpoints() -> None:
+    """The original K-Net's UPerNet R-50 is 256 wide throughout; mmseg's re-trained one is 512 wide with a
+    256-d KernelUpdator (its keys: conv_seg (150, 512), kernel_update_conv.fc_layer (256, 256))."""
+    original, mmseg = KNetConfig.ade20k_semantic_upernet_r50(), KNetConfig.ade20k_semantic_upernet_r50_mmseg()
+    assert (original.channels, original.update.updator_channels) == (256, None)
+    assert (mmseg.channels, mmseg.update.updator_channels) == (512, 256)
+    for cfg in (original, mmseg):
+        assert (cfg.backbone.name, cfg.backbone.output_stride, cfg.decode_head, cfg.num_classes) == (
+            "resnet50c",
+            32,
+            "uper",
+            150,
+        )
+        assert (cfg.backbone.frozen_stages, cfg.backbone.norm_eval, cfg.aux_head) == (-1, False, True)
 
 
 def test_for_task_accepts_a_backbone_section_merged_over_the_preset() -> None:

@@ -104,10 +104,22 @@ def test_output_sizes_give_every_part_at_the_original_size_and_are_checked() -> 
 def test_stages_run_on_stride_8_features_of_the_padded_input() -> None:
     model = tiny_model().eval()
     with torch.no_grad():
-        head, stages = model.predict_stages(model._pad(torch.randn(1, 3, 100, 130)))
+        head, stages = model.predict_stages(model._pad(torch.randn(1, 3, 100, 130), 32))
     assert head.features.shape[-2:] == (128 // 8, 160 // 8)
     assert head.mask_logits.shape[1] == 6 + NUM_STUFF_CLASSES
     assert len(stages) == 2 and stages[-1].mask_logits.shape[-2:] == (16, 20)
+
+
+@pytest.mark.parametrize("task", ["panoptic", "instance"])
+def test_panoptic_and_instance_test_images_are_padded_to_32_as_mmdets_test_pipeline(task: str) -> None:
+    """The official K-Net test pipeline ends with Pad(size_divisor=32); its localization FPN needs it."""
+    model = tiny_model(task).eval()
+    shapes: list[tuple[int, ...]] = []
+    model.backbone.register_forward_hook(lambda module, args, out: shapes.append(tuple(args[0].shape)))
+    with torch.no_grad():
+        (prediction,) = model(torch.randn(1, 3, 100, 130))
+    assert model.test_size_divisor == 32 and shapes == [(1, 3, 128, 160)]
+    assert prediction.image_size == (100, 130)
 
 
 def test_swin_backbone_builds_and_predicts_at_odd_sizes() -> None:

@@ -45,9 +45,9 @@ def assert_semantic_prediction(
     semantic: SemanticPrediction, size: tuple[int, int], padded: tuple[int, int], stride: int
 ) -> None:
     """label_map: a class per pixel at the image size; class_logits: the raw per-class logits at the
-    last stage's resolution of the padded input; class_scores: their softmax; label_map: the argmax
-    of the logits upsampled (bilinear) to the padded input, cropped to the image."""
-    coarse = (padded[0] // stride, padded[1] // stride)
+    last stage's resolution of the network's (padded or unpadded) input; class_scores: their softmax;
+    label_map: the argmax of the logits upsampled (bilinear) to that input, cropped to the image."""
+    coarse = (-(-padded[0] // stride), -(-padded[1] // stride))  # every stride-2 conv rounds up
     assert tuple(semantic.label_map.shape) == size and semantic.label_map.dtype == torch.int64
     assert int(semantic.label_map.min()) >= 0 and int(semantic.label_map.max()) < NUM_CLASSES
     assert semantic.class_scores.shape == semantic.class_logits.shape == (NUM_CLASSES, *coarse)
@@ -82,7 +82,7 @@ def test_each_decode_head_gives_a_loss_per_logit_map_and_a_label_map_at_each_ima
     assert len(predictions) == 2
     for prediction, size in zip(predictions, sizes, strict=True):
         assert prediction.panoptic is None and prediction.instance is None
-        assert_semantic_prediction(prediction.semantic, size, (128, 160), stride)
+        assert_semantic_prediction(prediction.semantic, size, size, stride)  # each unpadded, as mmseg
 
 
 def test_a_one_image_batch_gives_finite_losses_and_one_prediction_at_its_odd_size() -> None:
@@ -95,10 +95,54 @@ def test_a_one_image_batch_gives_finite_losses_and_one_prediction_at_its_odd_siz
     with torch.no_grad():
         predictions = model.eval()(data.images)
     assert len(predictions) == 1 and predictions[0].image_size == (100, 131)
-    assert_semantic_prediction(predictions[0].semantic, (100, 131), (128, 160), 8)
+    assert_semantic_prediction(predictions[0].semantic, (100, 131), (100, 131), 8)
     with torch.no_grad():
         (original,) = model(data.images, output_sizes=[(200, 262)])  # the size before a test-time resize
     assert original.image_size == (200, 262) and original.semantic.label_map.shape == (200, 262)
+
+
+def _backbone_inputs(model: KNet) -> list[tuple[int, ...]]:
+    """Records the shape of every tensor the backbone receives."""
+    shapes: list[tuple[int, ...]] = []
+    model.backbone.register_forward_hook(lambda module, args, out: shapes.append(tuple(args[0].shape)))
+    return shapes
+
+
+def test_semantic_test_images_run_unpadded_as_mmseg_and_training_still_pads_to_32() -> None:
+    """mmseg's K-Net test pipeline (Resize keep_ratio, no Pad; batch 1) feeds a 512x683 ADE20K image to
+    the network as it is; zero-padding it to 512x704 changes the labels near the border."""
+    model = semantic_model("uper").eval()
+    assert model.test_size_divisor == 1 and model.size_divisor == 32
+    shapes = _backbone_inputs(model)
+    image = torch.randn(1, 3, 512, 683)
+    with torch.no_grad():
+        (prediction,) = model(image)
+        head, stages = model.predict_stages(image)  # the network on the bare image
+        model.test_size_divisor = 32
+        (padded,) = model(image)
+    assert shapes == [(1, 3, 512, 683), (1, 3, 512, 683), (1, 3, 512, 704)]
+    expected = F.interpolate(stages[-1].mask_logits, size=(512, 683), mode="bilinear").argmax(1)[0]
+    assert torch.equal(prediction.semantic.label_map, expected)
+    assert prediction.semantic.class_logits.shape[-2:] == (128, 171)
+    assert not torch.equal(prediction.semantic.label_map, padded.semantic.label_map)
+    data = make_batch(0, 2, 100, 131)
+    model.train()(data.images, [semantic_targets(t) for t in data.targets])
+    assert shapes[-1] == (2, 3, 128, 160)  # training pads to size_divisor
+
+
+def test_an_unpadded_batch_of_different_sizes_runs_each_image_alone_at_its_own_size() -> None:
+    model = semantic_model("fcn").eval()
+    shapes = _backbone_inputs(model)
+    images = torch.randn(2, 3, 100, 131)
+    sizes = [(100, 131), (90, 120)]
+    with torch.no_grad():
+        together = model(images, image_sizes=sizes)
+        alone = model(images[1:, :, :90, :120])
+    assert shapes == [(1, 3, 100, 131), (1, 3, 90, 120), (1, 3, 90, 120)]
+    assert torch.equal(together[1].semantic.label_map, alone[0].semantic.label_map)
+    with torch.no_grad():
+        same_size = model(images)  # one forward pass when every image fills the batch
+    assert shapes[-1] == (2, 3, 100, 131) and len(same_size) == 2
 
 
 def test_dilated_heads_use_output_stride_8_and_a_256_channel_updator_on_512_channel_kernels() -> None:
