@@ -150,7 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
     pack = data.add_parser("pack", help="pack a dataset into Parquet shards")
     pack.add_argument("source")
     pack.add_argument("out")
-    pack.add_argument("--shard-size", type=int, default=256)
+    pack.add_argument("--target-mb", type=float, default=128.0, help="shard size in MB (default 128)")
+    pack.add_argument(
+        "--row-group-mb", type=float, default=8.0,
+        help="row group size in MB, the unit a reader fetches (default 8)",
+    )  # fmt: skip
+    pack.add_argument("--shard-size", type=int, help="also end a shard at this many rows")
     pack.set_defaults(command=_data_pack)
 
     results = commands.add_parser("evaluate-results", help="metrics of result files (prints JSON)")
@@ -339,8 +344,15 @@ def _data_check(args: argparse.Namespace) -> int:
 def _data_pack(args: argparse.Namespace) -> int:
     from knet_platform.knet_adapter import detect_source, pack_dataset
 
-    manifest = pack_dataset(detect_source(args.source), args.out, shard_size=args.shard_size)
-    print(f"wrote {len(manifest.shards)} shards to {manifest.root}")
+    manifest = pack_dataset(
+        detect_source(args.source),
+        args.out,
+        shard_size=args.shard_size,
+        target_mb=args.target_mb,
+        row_group_mb=args.row_group_mb,
+    )
+    groups = sum(len(shard.row_groups or ()) for shard in manifest.shards)
+    print(f"wrote {len(manifest.shards)} shards ({groups} row groups) to {manifest.root}")
     return 0
 
 
