@@ -98,14 +98,16 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def cluster_env(*, auth: str = "disabled") -> dict[str, str]:
-    """Environment for a development cluster on this machine: the venv first on PATH, token auth off
-    (``auth="token"``: Ray 2.60's default, the token read from ``~/.ray/``), no KNET_HOME unless a test
-    sets one."""
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": auth}
-    # this process's own Ray, not the new one; and KNET_HOME only where a test says
-    for name in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "KNET_HOME"):
-        env.pop(name, None)
+def cluster_env(*, auth: str | None = None) -> dict[str, str]:
+    """The environment of a user's shell with the venv activated: the venv first on PATH, no Ray or
+    knet variables (Ray picks its own auth mode, as for a user: a new local Ray turns token auth on),
+    KNET_HOME only where a test sets one. ``auth="token"``: what the README tells users to export
+    before talking to a ``ray start`` cluster."""
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    for name in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_MODE", "KNET_HOME"):
+        env.pop(name, None)  # this process's own Ray is not the one the command talks to
+    if auth is not None:
+        env["RAY_AUTH_MODE"] = auth
     return env
 
 
