@@ -85,8 +85,11 @@ def decode_head_kind(state: Mapping[str, Tensor]) -> str:
     )
 
 
-def _update_section(state: Mapping[str, Tensor], stage: str, channels: int) -> dict[str, Any]:
-    """The KernelUpdateHead widths of stage 0 (all stages share one config)."""
+def _update_section(
+    state: Mapping[str, Tensor], stage: str, channels: int, *, classifier: bool = True
+) -> dict[str, Any]:
+    """The KernelUpdateHead widths of stage 0 (all stages share one config); without a classifier
+    (semantic) ``num_cls_fcs`` is left to the preset, the model never builds those FCs."""
     embed = _shape(state, f"{stage}.attention.attn.in_proj_weight", "the kernel size")[1]
     kernel_size = round((embed / channels) ** 0.5)
     updator = _shape(state, f"{stage}.kernel_update_conv.dynamic_layer.weight", "the updator width")[1]
@@ -97,13 +100,13 @@ def _update_section(state: Mapping[str, Tensor], stage: str, channels: int) -> d
             1 for i in _indices(state, f"{stage}.{name}") if state[f"{stage}.{name}.{i}.weight"].dim() == 2
         )
 
-    return {
+    section = {
         "conv_kernel_size": kernel_size,
         "feedforward_channels": ffn,
-        "num_cls_fcs": linear_count("cls_fcs"),
         "num_mask_fcs": linear_count("mask_fcs"),
         "updator_channels": None if updator == channels else updator,
     }
+    return {**section, "num_cls_fcs": linear_count("cls_fcs")} if classifier else section
 
 
 def config_from_reference(
@@ -172,7 +175,7 @@ def _semantic_config(state: Mapping[str, Tensor], first: str, num_stages: int) -
         channels=channels,
         decode_head=head,
         aux_head=any(key.startswith("auxiliary_head.") for key in state),
-        update=_update_section(state, first, channels),
+        update=_update_section(state, first, channels, classifier=False),
     )
 
 

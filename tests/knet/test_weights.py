@@ -246,3 +246,27 @@ def test_the_known_class_lists_are_in_the_datasets_contiguous_order():
     assert [panoptic.to_dataset_id(i) for i in (0, 79, 80, 132)] == [1, 90, 92, 200]
     assert (ade.num_thing_classes, ade.num_stuff_classes) == (0, 150)
     assert [ade.names[i] for i in (0, 7, 149)] == ["wall", "bed", "flag"] and len(set(ade.names)) == 150
+
+
+@pytest.mark.parametrize(
+    ("fmt", "task", "backbone", "extra"),
+    [
+        ("official-knet", "panoptic", "resnet101", {}),
+        ("official-knet", "instance", "resnet18", {"num_proposals": 7, "num_stages": 2}),
+        ("mmseg-knet", "semantic", "resnet50d", {"decode_head": "psp"}),
+        ("mmseg-knet", "semantic", "resnet101c", {"decode_head": "uper", "channels": 256, "aux_head": False}),
+    ],
+)
+def test_other_depths_stems_and_sizes_are_read_back(fmt, task, backbone, extra):
+    semantic = task == "semantic"
+    config = KNetConfig.for_task(
+        task,
+        num_thing_classes=0 if semantic else 5,
+        num_stuff_classes={"panoptic": 3, "instance": 0, "semantic": 7}[task],
+        backbone=backbone if not semantic else {"name": backbone, "frozen_stages": -1, "norm_eval": False},
+        **extra,
+    )
+    shapes = {key: torch.empty(shape, device="meta") for key, shape in model_shapes(config).items()}
+    reference = to_reference(shapes, config, fmt)
+    things = 5 if task == "panoptic" else None
+    assert config_from_reference(reference, fmt, task, num_thing_classes=things) == config
