@@ -8,12 +8,16 @@ frozen, BatchNorm running statistics stay frozen in train mode while the affine 
 from __future__ import annotations
 
 import difflib
+import logging
 from pathlib import Path
 
 import timm
 from torch import Tensor, nn
 
+from knet.backbone_weights import load_backbone_weights
 from knet.errors import KnetInputError, KnetInputNotFoundError
+
+_LOG = logging.getLogger(__name__)
 
 
 def _check_name(name: str) -> None:
@@ -30,6 +34,8 @@ class TimmBackbone(nn.Module):
     forward(images (B, 3, H, W)) -> [ (B, C_i, H/s_i, W/s_i) for s_i in 4, 8, 16, 32 ]
     (with ``output_stride`` 8 a dilated ResNet gives strides 4, 8, 8, 8).
     ``channels`` lists C_i (from timm's ``feature_info``), which sizes the FPN.
+    ``pretrained_path``: timm/torchvision, mmcv or mmpretrain ResNet(V1c) weights (knet.backbone_weights);
+    ``pretrained_format`` says which layout the file was recognised as (None without a file).
     """
 
     def __init__(
@@ -61,12 +67,22 @@ class TimmBackbone(nn.Module):
             kwargs["drop_path_rate"] = drop_path_rate
         if is_swin:
             kwargs["strict_img_size"] = False  # any padded input size, not only the pretraining size
+        weights = load_backbone_weights(name, pretrained_path) if pretrained_path is not None else None
+        self.pretrained_format: str | None = weights.format if weights is not None else None
+        if weights is not None:
+            _LOG.info(
+                "backbone.pretrained_path %s: recognised as %s weights (%d tensors)",
+                pretrained_path,
+                weights.format,
+                len(weights.state_dict),
+            )
         self.body = timm.create_model(
             name,
             features_only=True,
             out_indices=(-4, -3, -2, -1),  # the last four levels: res2..res5 / Swin stages 1..4
-            pretrained=pretrained_path is not None,
-            pretrained_cfg_overlay=dict(file=pretrained_path) if pretrained_path is not None else None,
+            pretrained=weights is not None,
+            # timm maps the full model's (checked, renamed) tensors onto its feature model
+            pretrained_cfg_overlay=dict(state_dict=weights.state_dict) if weights is not None else None,
             **kwargs,
         )
         self.channels: list[int] = list(self.body.feature_info.channels())
