@@ -1,4 +1,4 @@
-"""``model.init_from``: a run starts from a registered model trained on other classes. The class-specific
+"""``model.init_from``: a run starts from a registered model trained on other classes (an imported COCO one). The class-specific
 layers start afresh (one printed line per group), the rest is loaded, and a model that does not fit, an
 unknown URI or ``--from-checkpoint`` beside it is one error line before Ray starts."""
 
@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import mlflow
 import pytest
 import torch
 import yaml
@@ -14,12 +13,12 @@ from knet_platform.cli import main
 from knet_platform.experiment.building import ExperimentError
 from knet_platform.experiment.schema import Experiment, load_experiment
 from knet_platform.knet_adapter import KNetConfig
-from knet_platform.tracking.registry import log_and_register
 from mlflow.tracking import MlflowClient
 
 from knet import build_model
 from knet.bundle import save_bundle
 from knet.data import Category, CategoryTable, TransformConfig
+from knet.weights import to_reference
 from tests.knet_platform.test_cli import assert_one_error_line, knet_run
 from tests.knet_platform.tiny_run import QUICKSTART, REPO, tiny_overrides
 
@@ -48,16 +47,15 @@ def write_source_bundle(tmp_path: Path, *extra: str) -> Path:
     return save_bundle(tmp_path / "source", build_model(config), config, SOURCE_CLASSES, TransformConfig())
 
 
-def register_source(bundle: Path, tracking_uri: str) -> str:
-    """Register ``bundle`` as ``models:/coco-like@champion`` in the test's MLflow store."""
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    run = client.create_run(client.create_experiment("coco-like"))
-    log_and_register(
-        bundle, tracking_uri=tracking_uri, run_id=run.info.run_id, registered_model="coco-like",
-        alias="champion", metric="val/pq", metric_value=0.0, mode="max",
-    )  # fmt: skip
-    client.set_terminated(run.info.run_id)
-    return "models:/coco-like@champion"
+def write_official_checkpoint(tmp_path: Path) -> Path:
+    """The tiny experiment's network with COCO's 80 thing + 53 stuff classes, saved as the official K-Net
+    saves its checkpoints (its key names, ``{'meta', 'state_dict'}``)."""
+    config = tiny_experiment(tmp_path).model_config()
+    config = KNetConfig.from_dict({**config.to_dict(), "num_thing_classes": 80, "num_stuff_classes": 53})
+    torch.manual_seed(3)
+    state = to_reference(build_model(config).state_dict(), config, "official-knet")
+    torch.save({"meta": {"epoch": 36}, "state_dict": state}, tmp_path / "knet_coco.pth")
+    return tmp_path / "knet_coco.pth"
 
 
 def test_init_from_is_a_validated_model_key_that_show_config_prints(
@@ -114,12 +112,14 @@ def test_init_from_and_from_checkpoint_together_are_refused_before_ray(tmp_path:
 @pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.mlflow
-def test_fine_tuning_a_registered_model_on_other_classes_reinitialises_the_class_layers_and_learns(
+def test_an_imported_coco_model_fine_tuned_on_other_classes_reinitialises_the_class_layers_and_learns(
     tmp_path: Path,
 ) -> None:
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    mlflow.set_tracking_uri(tracking_uri)
-    source = register_source(write_source_bundle(tmp_path), tracking_uri)
+    imported = ["import-weights", str(write_official_checkpoint(tmp_path)), "--format", "official-knet"]
+    imported += ["--task", "panoptic", "--name", "knet-coco", "--tracking-uri", tracking_uri]
+    assert main(imported) == 0
+    source = "models:/knet-coco@champion"
     run = knet_run(
         tmp_path,
         *tiny_args(tmp_path, f"model.init_from={source}", "train.max_steps_per_epoch=4", epochs=3),
@@ -127,12 +127,13 @@ def test_fine_tuning_a_registered_model_on_other_classes_reinitialises_the_class
     assert run.code == 0, run.err[-3000:]
     printed = run.out + run.err
     assert (
-        "init_from: re-initialised kernel_head.conv_seg (dense classifier and stuff kernels: 12 -> 5 classes)"
+        "init_from: re-initialised kernel_head.conv_seg (dense classifier and stuff kernels: 133 -> 5 classes)"
         in printed
     )
-    assert "init_from: re-initialised stages.*.fc_cls (class FCs: 12 -> 5 classes)" in printed
+    assert "init_from: re-initialised stages.*.fc_cls (class FCs: 133 -> 5 classes)" in printed
+    assert "init_from: loaded 212 tensors" in printed  # every other tensor of the imported model
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    (version,) = client.search_model_versions("name='quickstart'")
+    (version,) = client.search_model_versions("name='quickstart'")  # the fine-tuned model, registered
     losses = sorted(client.get_metric_history(version.run_id, "train/loss"), key=lambda m: m.step)
     assert [m.step for m in losses] == [1, 2, 3] and losses[-1].value < losses[0].value, losses
     assert client.get_run(version.run_id).data.params["model.init_from"] == source
