@@ -105,6 +105,7 @@ def _update_section(
         "feedforward_channels": ffn,
         "num_mask_fcs": linear_count("mask_fcs"),
         "updator_channels": None if updator == channels else updator,
+        "gate_norm_act": f"{stage}.kernel_update_conv.gate_norm.weight" in state,
     }
     return {**section, "num_cls_fcs": linear_count("cls_fcs")} if classifier else section
 

@@ -253,6 +253,7 @@ def test_the_known_class_lists_are_in_the_datasets_contiguous_order():
     [
         ("official-knet", "panoptic", "resnet101", {}),
         ("official-knet", "instance", "resnet18", {"num_proposals": 7, "num_stages": 2}),
+        ("official-knet", "panoptic", "resnet34", {"update": {"gate_norm_act": True, "num_mask_fcs": 2}}),
         ("mmseg-knet", "semantic", "resnet50d", {"decode_head": "psp"}),
         ("mmseg-knet", "semantic", "resnet101c", {"decode_head": "uper", "channels": 256, "aux_head": False}),
     ],
