@@ -67,14 +67,12 @@ class TransferReport:
 def class_specific_layers(model: nn.Module) -> dict[str, tuple[str, list[str]]]:
     """Group name -> (role, module names) of the layers whose shape follows the class counts."""
     semantic = isinstance(model.kernel_head, SemanticKernelHead)
-    things_and_stuff = getattr(model.kernel_head, "num_stuff_classes", 0) > 0
-    role = (
-        "class kernels"
-        if semantic
-        else "dense classifier and stuff kernels"
-        if things_and_stuff
-        else "dense thing classifier"
-    )
+    if semantic:
+        role = "class kernels"
+    elif model.kernel_head.num_stuff_classes > 0:  # panoptic: its stuff rows are the stuff kernels
+        role = "dense classifier and stuff kernels"
+    else:
+        role = "dense thing classifier"
     groups = {"kernel_head.conv_seg": (role, ["kernel_head.conv_seg"])}
     if semantic and model.kernel_head.aux_head is not None:
         last = len(model.kernel_head.aux_head) - 1
