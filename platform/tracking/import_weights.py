@@ -62,6 +62,10 @@ def import_weights(
     """Map ``checkpoint`` onto K-Net and register it as a new version of ``name`` (see the module)."""
     if not checkpoint.is_file():
         raise ImportWeightsError(f"checkpoint {checkpoint} does not exist")
+    if not name.strip() or any(c in name for c in "/@:"):
+        raise ImportWeightsError(
+            f"--name {name!r}: a model name must be non-empty without '/', '@' or ':' (models:/NAME@ALIAS)"
+        )
     categories = class_list(classes, format=format, task=task)
     things = categories.num_thing_classes if task == "panoptic" else None
     config, state = load_official(checkpoint, format=format, task=task, num_thing_classes=things)

@@ -187,6 +187,8 @@ def test_a_class_list_of_another_size_is_refused(tmp_path, capsys, monkeypatch):
     )
     code, _, err = _run(tmp_path, capsys, *args, "--classes", "ade20k")
     assert code == 2 and "--classes ade20k is the semantic models' list" in err[0]
+    code, _, err = _run(tmp_path, capsys, *args[:-1], "a/b", "--classes", "coco")
+    assert code == 2 and "a model name must be non-empty without '/'" in err[0]
     small_checkpoint(tmp_path / "instance.pth", task="instance")
     code, _, err = _run(
         tmp_path, capsys, str(tmp_path / "instance.pth"), *args[1:], "--classes", str(class_file(tmp_path))
