@@ -1,4 +1,5 @@
-"""The same YAML on a Ray cluster, submitted as the README says: results land in ``$KNET_HOME``.
+"""A job submitted without ``KNET_HOME`` is warned where its results would go (the README's own job,
+with ``KNET_HOME``, is run as written by ``test_readme_cluster.py``).
 
 The cluster is a real ``ray start --head`` on this machine with Ray 2.60's default token auth (the
 token under ``~/.ray/``) and the project's venv first on PATH, so the job's entrypoint finds ``knet``. It
@@ -10,16 +11,14 @@ every Ray on the machine. The test's ``tmp_path`` plays the user's checkout: ``K
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import uuid
 from pathlib import Path
 
 import pytest
-from mlflow.tracking import MlflowClient
 from ray.job_submission import JobStatus, JobSubmissionClient
 
-from tests.knet_platform.tiny_run import BIN, REPO, cluster_env, free_port, ray_token_headers, tiny_overrides
+from tests.knet_platform.tiny_run import BIN, REPO, cluster_env, free_port, ray_token_headers
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.mlflow]
 
@@ -40,46 +39,6 @@ def _submit(address: str, entrypoint: list[str], *, knet_home: Path | None) -> t
 
 def _status(address: str, submission_id: str) -> JobStatus:
     return JobSubmissionClient(address, headers=ray_token_headers()).get_job_status(submission_id)
-
-
-def test_the_readme_job_keeps_its_run_checkpoints_and_champion_under_knet_home(
-    ray_head: str, tmp_path: Path
-) -> None:
-    home = tmp_path / ".knet"
-    sets = [
-        item
-        for override in tiny_overrides(tmp_path, workers=1, tracking=False)
-        for item in ("--set", override)
-    ]
-    submission_id, output = _submit(
-        ray_head, ["knet", "run", "experiments/quickstart.yaml", *sets], knet_home=home
-    )
-    status = _status(ray_head, submission_id)
-    assert status == JobStatus.SUCCEEDED, f"{status}\n--- job output ---\n{output[-5000:]}"
-    assert "models:/quickstart@champion" in output
-    assert f"mlflow store     sqlite:///{home / 'mlflow.db'}" in output  # the summary says where
-    assert "runs in Ray's temporary copy" not in output  # KNET_HOME was given: no warning
-
-    client = MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow.db'}")
-    (run,) = client.search_runs([client.get_experiment_by_name("quickstart").experiment_id])
-    assert run.info.status == "FINISHED"
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/pq")] == [1]
-    record = json.loads((home / "ray_results" / "quickstart.knet_run.json").read_text())
-    assert record["mlflow_run_id"] == run.info.run_id  # what `knet run --resume` reads
-    assert (home / "ray_results" / record["ray_run_name"] / "checkpoint_epoch_0001" / "state.pt").is_file()
-    assert list((home / "data" / "synthetic").glob("images/val/*.png"))  # the data cache too
-
-    # from the "checkout", with no tracking option, as the README's predict command
-    images = tmp_path / "inputs"
-    images.mkdir()
-    for path in sorted((home / "data" / "synthetic" / "images" / "val").iterdir())[:2]:
-        shutil.copy(path, images / path.name)
-    predict = subprocess.run(
-        [str(BIN / "knet"), "predict", "--model", "models:/quickstart@champion", str(images), "--out", "out"],
-        cwd=tmp_path, env=cluster_env(), capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert predict.returncode == 0, predict.stderr[-3000:]
-    assert len(list((tmp_path / "out" / "overlays").glob("*.png"))) == 2
 
 
 def test_a_job_without_knet_home_is_warned_where_its_results_would_go(ray_head: str) -> None:

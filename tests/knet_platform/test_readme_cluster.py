@@ -10,6 +10,7 @@ names (SIGINT to terminal 1), which must stop every process it started.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shlex
@@ -21,6 +22,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from mlflow.tracking import MlflowClient
 
 from tests.knet_platform.tiny_run import BIN, REPO, descendant_processes, tiny_overrides
 
@@ -110,8 +112,20 @@ def test_the_readme_cluster_commands_work_as_written_in_a_fresh_shell(tmp_path: 
         assert second.returncode == 0, output[-5000:]
         assert "Job 'raysubmit_" in output and "succeeded" in output, output[-3000:]
         assert "models:/quickstart@champion" in output
-        assert len(list((checkout / "results").iterdir())) >= 2  # the README's predict wrote its results
-        assert (checkout / ".knet" / "mlflow.db").is_file()  # where the README says the model is
+        overlays = list((checkout / "results" / "overlays").glob("*.png"))
+        assert len(overlays) == len(list((checkout / "images").iterdir()))  # the README's predict
+        assert "runs in Ray's temporary copy" not in output  # KNET_HOME was given: no warning
+        home_of_runs = checkout / ".knet"  # where the README says the run, checkpoints and model are
+        assert f"mlflow store     sqlite:///{home_of_runs / 'mlflow.db'}" in output  # the summary says so
+        client = MlflowClient(tracking_uri=f"sqlite:///{home_of_runs / 'mlflow.db'}")
+        (run,) = client.search_runs([client.get_experiment_by_name("quickstart").experiment_id])
+        assert run.info.status == "FINISHED"
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "val/pq")] == [1]
+        record = json.loads((home_of_runs / "ray_results" / "quickstart.knet_run.json").read_text())
+        assert record["mlflow_run_id"] == run.info.run_id  # what `knet run --resume` reads
+        run_folder = home_of_runs / "ray_results" / record["ray_run_name"]
+        assert (run_folder / "checkpoint_epoch_0001" / "state.pt").is_file()
+        assert list((home_of_runs / "data" / "synthetic").glob("images/val/*.png"))  # the data cache too
     finally:
         os.killpg(head.pid, signal.SIGINT)  # Ctrl-C in terminal 1
         deadline = time.time() + 60
