@@ -91,10 +91,13 @@ class TrackingTarget:
 
 def resolve_tracking(experiment: Experiment, cwd: str | Path | None = None) -> TrackingTarget:
     """Fill the ``tracking`` section's defaults (under ``$KNET_HOME``, default ``<cwd>/.knet``) and
-    make every path absolute."""
+    make every path absolute. ``tracking.uri`` unset: ``$MLFLOW_TRACKING_URI`` as MLflow's own clients
+    read it, else the sqlite store under ``$KNET_HOME``."""
     base = knet_home(cwd)
     tracking = experiment.tracking
-    uri = tracking.uri or f"sqlite:///{base / 'mlflow.db'}"
+    uri = (
+        tracking.uri or os.environ.get("MLFLOW_TRACKING_URI", "").strip() or f"sqlite:///{base / 'mlflow.db'}"
+    )
     uri = _absolute_local_uri(uri, cwd)
     remote = uri.startswith(("http://", "https://"))
     if tracking.artifact_location is not None:

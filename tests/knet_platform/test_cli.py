@@ -143,6 +143,14 @@ def test_a_dead_tracking_server_is_one_line_naming_the_uri_and_the_fix_before_ra
     assert not run.ray_started
 
 
+def test_run_honours_mlflow_tracking_uri_as_mlflow_clients_do(tmp_path):
+    # the variable MLflow's users already export; tracking.uri in the YAML would win over it
+    port = free_port()
+    run = knet_run(tmp_path, str(QUICKSTART), env={"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"})
+    assert_one_error_line(run, f"MLflow tracking server http://127.0.0.1:{port} is not reachable")
+    assert not run.ray_started and not (tmp_path / ".knet" / "mlflow.db").exists()
+
+
 @pytest.mark.parametrize("experiment, kind", [("quickstart", "run"), ("tune_quickstart", "search")])
 def test_resume_with_nothing_recorded_is_one_line_before_data_or_ray(tmp_path, experiment, kind):
     run = knet_run(tmp_path, "--resume", str(REPO / "experiments" / f"{experiment}.yaml"))
