@@ -69,6 +69,7 @@ def test_the_published_models_configs_are_read_from_their_shapes():
         config = seen[case]
         assert (config.num_proposals, config.num_stages, config.channels) == (100, 3, 256)
         assert config.backbone.name == "resnet50" and config.update.updator_channels is None
+        assert config.test_size_divisor == 32  # mmdet's test pipeline pads to 32
         assert (config.update.num_cls_fcs, config.update.num_mask_fcs, config.update.conv_kernel_size) == (
             1,
             1,
@@ -89,6 +90,7 @@ def test_the_published_models_configs_are_read_from_their_shapes():
         assert config.backbone.name == "resnet50c"  # ResNetV1c: the deep stem
         assert config.backbone.output_stride == (32 if head == "uper" else 8)
         assert (config.backbone.frozen_stages, config.backbone.norm_eval) == (-1, False)
+        assert config.test_size_divisor == 1  # mmseg tests each image unpadded: the published mIoU
 
 
 @pytest.mark.parametrize("case", list(CASES))
