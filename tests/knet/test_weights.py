@@ -93,6 +93,12 @@ def test_the_published_models_configs_are_read_from_their_shapes():
         assert config.test_size_divisor == 1  # mmseg tests each image unpadded: the published mIoU
 
 
+def test_the_published_checkpoints_are_our_reference_presets():
+    assert published_config("panoptic") == KNetConfig.coco_panoptic_r50()
+    assert published_config("instance") == KNetConfig.coco_instance_r50()
+    assert published_config("semantic-uper") == KNetConfig.ade20k_semantic_upernet_r50_mmseg()
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_a_released_checkpoint_round_trips_tensors_and_predictions(case, tmp_path):
     fmt, task, _ = CASES[case]
