@@ -1,20 +1,22 @@
 #!/usr/bin/env bash
 # Two Ray nodes on one machine, loopback only: a rehearsal of a multi-node cluster.
 #
-#   cluster/local_multinode.sh start [--no-auth]   # head + one worker node, 1 CPU and 1 "trainslot" each
+#   cluster/local_multinode.sh start            # head + one worker node, 1 CPU and 1 "trainslot" each
+#   eval "$(cluster/local_multinode.sh env)"    # RAY_ADDRESS and RAY_AUTH_MODE for this shell
 #   knet run experiments/quickstart.yaml --set 'scaling.resources_per_worker={CPU: 1, trainslot: 1}'
-#   cluster/local_multinode.sh submit experiments/quickstart.yaml   # or through the job server (KNET_HOME=./.knet)
-#   cluster/local_multinode.sh stop                 # `ray stop`: stops every Ray node of this user here
+#   cluster/local_multinode.sh submit experiments/quickstart.yaml   # the same, as a Ray job
+#   cluster/local_multinode.sh stop             # stops these two nodes, and no other Ray
 #
-# Auth: Ray 2.60 enables token auth; `ray start` writes the token under ~/.ray/ and local clients read it
-# there (RAY_AUTH_MODE=token). Remote clients need the same token file (RAY_AUTH_TOKEN_PATH). --no-auth
-# exports RAY_AUTH_MODE=disabled: only on a machine nobody else can reach, since Ray 2.60 listens on every
-# interface whatever --node-ip-address says (it rewrites 127.0.0.1 to the machine's address); export the
-# same variable in every shell that talks to this cluster.
+# Each node has its own temp dir under $KNET_CLUSTER_DIR (default /tmp/knet-cluster-$UID; ports:
+# KNET_RAY_PORT, default 6390, KNET_DASHBOARD_PORT, default 8265): nodes that
+# share Ray's /tmp/ray delete each other's unpacked job files. Auth: token mode (Ray 2.60); the token is
+# ~/.ray/auth_token, created on first start. Ray 2.60 listens on every interface whatever
+# --node-ip-address says, so the token is what keeps others out.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO="$(dirname "$HERE")"
+STATE="${KNET_CLUSTER_DIR:-/tmp/knet-cluster-$(id -u)}"   # short: Ray's Unix socket paths live under it
 GCS_PORT="${KNET_RAY_PORT:-6390}"
 DASHBOARD_PORT="${KNET_DASHBOARD_PORT:-8265}"
 
@@ -24,29 +26,30 @@ activate() {
     # shellcheck disable=SC1091
     . "$REPO/.venv/bin/activate"
   fi
-  command -v ray > /dev/null || { echo "error: ray is not installed (pip install -e '.[platform]')" >&2; exit 2; }
+  command -v ray > /dev/null || { echo "error: ray is not installed (bin/knet sets up the venv)" >&2; exit 2; }
+  export RAY_AUTH_MODE=token
 }
 
-auth_mode() {
-  if [[ "${1:-}" == "--no-auth" ]]; then
-    export RAY_AUTH_MODE=disabled
-    echo "token auth disabled: Ray listens on every interface, use this only on a closed machine;"
-    echo "run: export RAY_AUTH_MODE=disabled in your other shells"
-  else
-    export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"
-  fi
+env_lines() {
+  echo "export RAY_ADDRESS=127.0.0.1:$GCS_PORT RAY_AUTH_MODE=token"
 }
 
 start() {
   activate
-  auth_mode "${1:-}"
-  ray start --head --node-ip-address 127.0.0.1 --port "$GCS_PORT" \
+  if [[ -e "$STATE/head" ]]; then
+    echo "error: $STATE already holds a cluster; run '$0 stop' first" >&2
+    exit 2
+  fi
+  mkdir -p "$STATE"
+  ray get-auth-token --generate > /dev/null
+  ray start --head --node-ip-address 127.0.0.1 --port "$GCS_PORT" --temp-dir "$STATE/head" \
     --dashboard-host 127.0.0.1 --dashboard-port "$DASHBOARD_PORT" \
     --num-cpus 1 --resources '{"trainslot": 1}' --object-store-memory 200000000 --disable-usage-stats
-  ray start --address "127.0.0.1:$GCS_PORT" --node-ip-address 127.0.0.1 \
+  ray start --address "127.0.0.1:$GCS_PORT" --node-ip-address 127.0.0.1 --temp-dir "$STATE/worker" \
     --num-cpus 1 --resources '{"trainslot": 1}' --object-store-memory 200000000 \
     --dashboard-agent-listen-port "$((DASHBOARD_PORT + 100))" --metrics-export-port 0 --disable-usage-stats
-  echo "cluster: RAY_ADDRESS=127.0.0.1:$GCS_PORT  jobs: http://127.0.0.1:$DASHBOARD_PORT"
+  echo "cluster up: jobs and dashboard at http://127.0.0.1:$DASHBOARD_PORT"
+  echo "in every shell that uses it: eval \"\$($0 env)\""
 }
 
 submit() {
@@ -59,9 +62,34 @@ submit() {
     -- knet run "$experiment" --set 'scaling.resources_per_worker={CPU: 1, trainslot: 1}' "$@"
 }
 
+node_processes() {
+  # every process whose command line names this cluster's temp dirs (GCS, raylets, agents, dashboard);
+  # the Ray workers exit with their raylet
+  pgrep -f -- "$STATE/(head|worker)" || true
+}
+
+stop() {
+  local pids
+  pids="$(node_processes)"
+  if [[ -n "$pids" ]]; then
+    # shellcheck disable=SC2086
+    kill -TERM $pids 2> /dev/null || true
+    for _ in $(seq 10); do
+      [[ -z "$(node_processes)" ]] && break
+      sleep 1
+    done
+    pids="$(node_processes)"
+    # shellcheck disable=SC2086
+    [[ -n "$pids" ]] && kill -KILL $pids 2> /dev/null || true
+  fi
+  rm -rf "$STATE"
+  echo "stopped the nodes under $STATE"
+}
+
 case "${1:-}" in
   start) shift; start "$@" ;;
+  env) env_lines ;;
   submit) shift; submit "$@" ;;
-  stop) activate; ray stop ;;
-  *) sed -n '2,12p' "$0"; exit 2 ;;
+  stop) stop ;;
+  *) sed -n '2,14p' "$0"; exit 2 ;;
 esac
