@@ -153,7 +153,7 @@ def model_config_for_task(task: str, section: dict[str, Any]) -> KNetConfig:
     stuff = section.pop("num_stuff_classes", None)
     things = placeholder_things if things is None else things
     stuff = placeholder_stuff if stuff is None else stuff
-    backbone = section.pop("backbone", None) or "resnet50"
+    backbone = section.pop("backbone", None)  # None: the reference backbone of the task (knet presets)
     return KNetConfig.for_task(
         task, num_thing_classes=things, num_stuff_classes=stuff, backbone=backbone, **section
     )
