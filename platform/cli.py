@@ -78,7 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
+    _add_run_commands(commands)
+    _add_model_commands(commands)
+    _add_data_commands(commands)
+    return parser
 
+
+def _add_run_commands(commands: argparse._SubParsersAction) -> None:
+    """``run`` and ``show-config``: what takes an experiment YAML."""
     run = commands.add_parser(
         "run",
         help="train an experiment on Ray Train, tracked in MLflow (a tune section: a Ray Tune search)",
@@ -99,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     _experiment_args(show)
     show.set_defaults(command=_show_config)
 
+
+def _add_model_commands(commands: argparse._SubParsersAction) -> None:
+    """``predict``, ``eval`` and ``import-weights``: what uses or registers a model."""
     predict = commands.add_parser("predict", help="predict images with a model bundle or MLflow model URI")
     predict.add_argument("--model", required=True, metavar="URI", help=_MODEL_HELP)
     predict.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="image files or folders")
@@ -137,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     imported.set_defaults(command=_import_weights)
 
+
+def _add_data_commands(commands: argparse._SubParsersAction) -> None:
+    """``data synth|check|pack`` and ``evaluate-results``: dataset and result-file tools."""
     data = commands.add_parser("data", help="dataset tools").add_subparsers(required=True, metavar="ACTION")
     synth = data.add_parser("synth", help="write the synthetic shapes dataset (all three formats)")
     synth.add_argument("out", type=Path)
@@ -165,7 +178,6 @@ def build_parser() -> argparse.ArgumentParser:
     results.add_argument("--num-classes", type=int, help="semantic: number of contiguous class ids")
     results.add_argument("--reduce-zero-label", action="store_true", help="semantic: GT 0 is ignored")
     results.set_defaults(command=_evaluate_results)
-    return parser
 
 
 _MODEL_HELP = (
