@@ -1,7 +1,7 @@
 """knet.weights: the published K-Net checkpoints map onto our model, tensor for tensor, or are refused
 naming the keys at fault.
 
-The checkpoints are built from the reference key lists (../shared/reference-weights: the exact
+The checkpoints are built from the reference key lists (tests/knet/reference_weights, from shared/reference-weights: the exact
 state-dict keys and shapes of the official K-Net's panoptic/instance R50 and mmsegmentation's
 UPerNet/FCN/PSP/ASPP K-Net), since the real files cannot be downloaded here.
 """
@@ -25,7 +25,7 @@ from knet.weights import (
     to_reference,
 )
 
-REFERENCE = Path(__file__).absolute().parents[3] / "shared" / "reference-weights"
+REFERENCE = Path(__file__).absolute().parent / "reference_weights"  # copied from shared/reference-weights
 OFFICIAL = json.loads((REFERENCE / "official_knet_mmdet2.json").read_text())
 MMSEG = json.loads((REFERENCE / "mmseg_knet.json").read_text())
 CASES = {
