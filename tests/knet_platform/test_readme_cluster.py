@@ -42,7 +42,10 @@ def checkout_copy(destination: Path) -> Path:
     ).stdout.split("\0")
     for name in filter(None, tracked):
         source = REPO / name
-        if source.is_file():
+        if source.is_symlink():  # knet_platform -> platform: kept a link, as git clones it
+            (destination / name).parent.mkdir(parents=True, exist_ok=True)
+            (destination / name).symlink_to(source.readlink())
+        elif source.is_file():
             (destination / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, destination / name)
     (destination / ".venv").symlink_to(BIN.parent)
@@ -84,6 +87,10 @@ def test_the_readme_cluster_commands_work_as_written_in_a_fresh_shell(tmp_path: 
         [str(BIN / "knet"), "data", "synth", str(tmp_path / "synth"), "--images", "4"], check=True, env=env
     )
     shutil.copytree(tmp_path / "synth" / "images" / "val", checkout / "images")  # the user's images/
+    # the user's own edits to platform/ must run in the job (driver and Train workers), as knet/'s do
+    for module, marker in (("cli.py", "shipped cli"), ("train/worker.py", "shipped worker")):
+        with (checkout / "platform" / module).open("a") as source:
+            source.write(f"\nprint({marker!r}, flush=True)\n")
     shrunk = " ".join(f"--set {shlex.quote(o)}" for o in tiny_overrides(tmp_path, workers=1, tracking=False))
     assert "knet run experiments/quickstart.yaml\n" in terminal_2
     terminal_2 = terminal_2.replace(
@@ -112,6 +119,7 @@ def test_the_readme_cluster_commands_work_as_written_in_a_fresh_shell(tmp_path: 
         assert second.returncode == 0, output[-5000:]
         assert "Job 'raysubmit_" in output and "succeeded" in output, output[-3000:]
         assert "models:/quickstart@champion" in output
+        assert "shipped cli" in output and "shipped worker" in output, output[-3000:]
         overlays = list((checkout / "results" / "overlays").glob("*.png"))
         assert len(overlays) == len(list((checkout / "images").iterdir()))  # the README's predict
         assert "runs in Ray's temporary copy" not in output  # KNET_HOME was given: no warning
