@@ -5,7 +5,8 @@
 #   eval "$(cluster/local_multinode.sh env)"    # RAY_ADDRESS and RAY_AUTH_MODE for this shell
 #   knet run experiments/quickstart.yaml --set 'scaling.resources_per_worker={CPU: 1, trainslot: 1}'
 #   cluster/local_multinode.sh submit experiments/quickstart.yaml   # the same, as a Ray job
-#   cluster/local_multinode.sh stop             # stops these two nodes, and no other Ray
+#   cluster/local_multinode.sh add-node         # one more worker node (e.g. for one that was lost)
+#   cluster/local_multinode.sh stop             # stops these nodes, and no other Ray
 #
 # Each node has its own temp dir under $KNET_CLUSTER_DIR (default /tmp/knet-cluster-$UID; ports:
 # KNET_RAY_PORT, default 6390, KNET_DASHBOARD_PORT, default 8265): nodes that
@@ -52,6 +53,17 @@ start() {
   echo "in every shell that uses it: eval \"\$($0 env)\""
 }
 
+add_node() {
+  # another worker node (e.g. to replace a lost one), with a temp dir of its own
+  activate
+  local n=2
+  while [[ -e "$STATE/worker-$n" ]]; do n=$((n + 1)); done
+  ray start --address "127.0.0.1:$GCS_PORT" --node-ip-address 127.0.0.1 --temp-dir "$STATE/worker-$n" \
+    --num-cpus 1 --resources '{"trainslot": 1}' --object-store-memory 200000000 \
+    --dashboard-agent-listen-port 0 --metrics-export-port 0 --disable-usage-stats
+  echo "added worker node $n"
+}
+
 submit() {
   activate
   local experiment="${1:?usage: local_multinode.sh submit EXPERIMENT.yaml [--set k=v ...]}"
@@ -89,7 +101,8 @@ stop() {
 case "${1:-}" in
   start) shift; start "$@" ;;
   env) env_lines ;;
+  add-node) add_node ;;
   submit) shift; submit "$@" ;;
   stop) stop ;;
-  *) sed -n '2,14p' "$0"; exit 2 ;;
+  *) sed -n '2,15p' "$0"; exit 2 ;;
 esac

@@ -16,6 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+from ray.exceptions import OutOfMemoryError
+from ray.train import TrainingFailedError
+from ray.train.torch import TorchTrainer
+
 from knet_platform.errors import RunFailedError, is_deterministic
 from knet_platform.experiment.schema import Experiment
 from knet_platform.ray_runtime import check_capacity, start_ray, stop_ray
@@ -31,13 +35,15 @@ from knet_platform.tracking.runs import (
     resolve_tracking,
 )
 from knet_platform.train.checkpoints import require_checkpoint
-from knet_platform.train.failures import describe_failure, memory_kill_message, worker_causes
+from knet_platform.train.failures import (
+    capacity_message,
+    describe_failure,
+    memory_kill_message,
+    worker_causes,
+)
 from knet_platform.train.init_from import resolve_init_from
 from knet_platform.train.preflight import check_before_ray
 from knet_platform.train.trainer import build_trainer, fit_with_restarts, validate_for_training
-from ray.exceptions import OutOfMemoryError
-from ray.train import TrainingFailedError
-from ray.train.torch import TorchTrainer
 
 
 @dataclass
@@ -162,6 +168,9 @@ def _fit_and_register(experiment: Experiment, run: TrackedRun, from_checkpoint: 
 
 def _failure_message(error: TrainingFailedError | OutOfMemoryError) -> str:
     """One line: what failed, and whether ``--resume`` helps (not for input that fails every time)."""
+    capacity = capacity_message(error)
+    if capacity is not None:
+        return f"training failed: {capacity}."
     memory = memory_kill_message(error)
     if memory is not None:
         return (

@@ -3,11 +3,14 @@ restart of the worker group could help."""
 
 from __future__ import annotations
 
+import os
 import re
 
-from knet_platform.errors import is_deterministic
 from ray.exceptions import OutOfMemoryError
 from ray.train import TrainingFailedError
+
+from knet_platform.errors import is_deterministic
+from knet_platform.ray_runtime import DEFAULT_WORKER_GROUP_START_TIMEOUT_S, WORKER_GROUP_START_TIMEOUT_ENV
 
 # What Ray's memory monitor writes into the error of a process it killed (Ray 2.60)
 _OOM_MARK = "running low on memory"
@@ -29,11 +32,32 @@ def worker_causes(error: TrainingFailedError) -> list[BaseException]:
 
 def worth_a_restart(error: TrainingFailedError) -> bool:
     """False for failures that repeat on a restart: a user error or a non-finite loss in a worker,
-    or a process Ray's memory monitor killed (the same workers need the same memory again)."""
+    a process Ray's memory monitor killed (the same workers need the same memory again), or a worker
+    group the cluster could not place in time (a lost node comes back only when someone adds one)."""
     causes = worker_causes(error)
     return not (
         any(is_deterministic(cause) for cause in causes)
         or any(is_memory_kill(cause) for cause in [error, *causes])
+        or is_capacity_timeout(error)
+    )
+
+
+def is_capacity_timeout(error: BaseException) -> bool:
+    """Ray Train gave up starting the worker group: the cluster no longer has room for it (a node was
+    lost). Only raised when ``scaling.wait_for_resources`` is off; otherwise Train waits."""
+    controller = getattr(error, "controller_failure", None)
+    return type(controller).__name__ == "WorkerGroupStartupTimeoutError"
+
+
+def capacity_message(error: BaseException) -> str | None:
+    """One line for :func:`is_capacity_timeout`, else None."""
+    if not is_capacity_timeout(error):
+        return None
+    timeout = os.environ.get(WORKER_GROUP_START_TIMEOUT_ENV, DEFAULT_WORKER_GROUP_START_TIMEOUT_S)
+    return (
+        f"the cluster could not place the worker group within {timeout} s: it has fewer nodes or "
+        "resources than scaling asks for (was a node lost?). Once it has them again, `knet run --resume` "
+        "continues from the last checkpoint; set scaling.wait_for_resources: true to wait instead"
     )
 
 

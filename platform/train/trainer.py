@@ -11,15 +11,17 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from knet_platform.experiment.building import ExperimentError
-from knet_platform.train.failures import describe_failure, worth_a_restart
-from knet_platform.train.worker import LoopConfig, train_fn_per_worker
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
 from ray.train.torch import TorchTrainer
 
+from knet_platform.experiment.building import ExperimentError
+from knet_platform.train.failures import describe_failure, worth_a_restart
+from knet_platform.train.worker import LoopConfig, train_fn_per_worker
+
 if TYPE_CHECKING:
-    from knet_platform.experiment.schema import Experiment
     from ray.train import Result, UserCallback
+
+    from knet_platform.experiment.schema import Experiment
 
 # Worker failures (a lost node, an OOM-killed process) a run recovers from, from its latest checkpoint.
 DEFAULT_MAX_FAILURES = 2
@@ -103,7 +105,11 @@ def build_trainer(
                 checkpoint_score_attribute=train.metric,
                 checkpoint_score_order=train.mode,
             ),
-            failure_config=FailureConfig(max_failures=0),
+            # knet restarts (fit_with_restarts); a worker group Ray cannot place ends the run after
+            # the start-up timeout unless the experiment says to wait for nodes
+            failure_config=FailureConfig(
+                max_failures=0, controller_failure_limit=-1 if scaling.wait_for_resources else 0
+            ),
             callbacks=list(callbacks),
         ),
     )

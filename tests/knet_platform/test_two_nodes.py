@@ -1,20 +1,30 @@
 """A two-node Ray cluster on this machine, started, used and stopped with ``cluster/local_multinode.sh``
 as cluster/README.md writes it (section 2a), in a user's shell: no Ray variable but what the script's
-``env`` command exports. The job is submitted with ``local_multinode.sh submit`` and logs to a real
-``mlflow server`` on loopback; its two Train workers must land on the two nodes.
+``env`` command exports. A job submitted with ``local_multinode.sh submit`` logs to a real ``mlflow
+server`` on loopback, its two Train workers on the two nodes; a run that loses a node ends within the
+worker-group start-up timeout saying ``--resume`` continues, and does once a node is added.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.knet_platform.tiny_run import BIN, REPO, cluster_env, descendant_processes, tiny_overrides
+from tests.knet_platform.tiny_run import (
+    BIN,
+    REPO,
+    cluster_env,
+    descendant_processes,
+    latest_registered_epoch,
+    tiny_overrides,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.mlflow]
 
@@ -44,36 +54,82 @@ def train_worker_nodes(env: dict[str, str]) -> set[str]:
     return {actor["node_id"] for actor in json.loads(listed.stdout)}
 
 
-def test_a_job_on_two_local_nodes_puts_one_worker_on_each_and_registers_its_model(
-    tmp_path: Path, mlflow_server
-) -> None:
-    uri, _ = mlflow_server
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """The two nodes, started and stopped by the script; yields the user's environment (KNET_HOME in
+    this module's tmp) and the process ids that are not the cluster's, for the stop check."""
     assert not CLUSTER_DIR.exists(), f"{CLUSTER_DIR} holds a cluster already: stop it first"
-    env = {**cluster_env(), "KNET_HOME": str(tmp_path / ".knet")}  # where the job keeps its cache
+    env = {**cluster_env(), "KNET_HOME": str(tmp_path_factory.mktemp("home") / ".knet")}
     others_before = set(descendant_processes(1))  # every process of the machine not ours to stop
     start = shell(f"{SCRIPT} start", env)
     try:
         assert start.returncode == 0, start.stdout[-3000:] + start.stderr[-3000:]
-        sets = " ".join(
-            f"--set '{o}'"
-            for o in [*tiny_overrides(tmp_path, workers=2, tracking=False), f"tracking.uri={uri}"]
-        )
-        job = shell(
-            f'eval "$({SCRIPT} env)" && {SCRIPT} submit experiments/quickstart.yaml {sets}',
-            env,
-        )
-        output = job.stdout + job.stderr
-        assert job.returncode == 0, output[-5000:]
-        assert "succeeded" in output and "models:/quickstart@champion" in output, output[-3000:]
-        assert len(train_worker_nodes(env)) == 2  # one Train worker on each node
+        yield env
     finally:
         stop = shell(f"{SCRIPT} stop", env, timeout=120)
     assert stop.returncode == 0, stop.stderr[-2000:]
     assert not cluster_processes() and not CLUSTER_DIR.exists()
     still_there = {pid for pid in others_before if Path(f"/proc/{pid}").exists()}
-    assert still_there, "stop must stop the two nodes only"  # e.g. this pytest and its parents
+    assert still_there, "stop must stop the cluster's nodes only"  # e.g. this pytest and its parents
+
+
+def test_a_job_on_two_local_nodes_puts_one_worker_on_each_and_registers_its_model(
+    tmp_path: Path, mlflow_server, cluster: dict[str, str]
+) -> None:
+    uri, _ = mlflow_server
+    env = cluster
+    sets = " ".join(
+        f"--set '{o}'" for o in [*tiny_overrides(tmp_path, workers=2, tracking=False), f"tracking.uri={uri}"]
+    )
+    job = shell(f'eval "$({SCRIPT} env)" && {SCRIPT} submit experiments/quickstart.yaml {sets}', env)
+    output = job.stdout + job.stderr
+    assert job.returncode == 0, output[-5000:]
+    assert "succeeded" in output and "models:/quickstart@champion" in output, output[-3000:]
+    assert len(train_worker_nodes(env)) == 2  # one Train worker on each node
 
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     (run,) = client.search_runs([client.get_experiment_by_name("quickstart").experiment_id])
     assert run.info.status == "FINISHED"
     assert client.get_model_version_by_alias("quickstart", "champion").run_id == run.info.run_id
+
+
+def test_a_run_that_loses_a_node_ends_in_bounded_time_and_resumes_once_one_is_added(
+    tmp_path: Path, cluster: dict[str, str]
+) -> None:
+    # Ray Train's start-up timeout, 180 s by default in knet, shortened for the test
+    env = {**cluster, "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "30"}
+    sets = " ".join(f"--set '{o}'" for o in tiny_overrides(tmp_path, epochs=4, workers=2))
+    run = (
+        f'eval "$({SCRIPT} env)" && knet run experiments/quickstart.yaml '
+        f"--set 'scaling.resources_per_worker={{CPU: 1, trainslot: 1}}' {sets}"
+    )
+    log = tmp_path / "first.log"
+    with log.open("w") as out:
+        driver = subprocess.Popen(
+            ["bash", "-c", run], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT
+        )
+    results = tmp_path / "ray_results"
+    deadline = time.time() + 480
+    while not any(latest_registered_epoch(folder) >= 1 for folder in results.glob("quickstart-*")):
+        assert driver.poll() is None, log.read_text()[-3000:]
+        assert time.time() < deadline, "no checkpoint was registered in 480 s"
+        time.sleep(0.5)
+    (raylet,) = [pid for pid in cluster_processes() if "raylet" in Path(f"/proc/{pid}/cmdline").read_text()
+                 and f"{CLUSTER_DIR}/worker" in Path(f"/proc/{pid}/cmdline").read_text()]  # fmt: skip
+    os.kill(raylet, signal.SIGKILL)  # the worker node is gone
+    lost_at = time.time()
+    code = driver.wait(timeout=600)
+    output = log.read_text()
+    assert code == 1, output[-3000:]
+    assert time.time() - lost_at < 300, "the lost node was not reported in bounded time"
+    last = output.splitlines()[-1]
+    assert last.startswith("error: training failed: the cluster could not place the worker group within 30 s")
+    assert "`knet run --resume` continues" in last
+
+    assert shell(f"{SCRIPT} add-node", env).returncode == 0
+    resumed = shell(f"{run} --resume", env)
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-4000:]
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (finished,) = client.search_runs([client.get_experiment_by_name("quickstart").experiment_id])
+    assert finished.info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(finished.info.run_id, "val/pq")) == [1, 2, 3, 4]
