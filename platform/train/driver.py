@@ -16,10 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-from ray.exceptions import OutOfMemoryError
-from ray.train import TrainingFailedError
-from ray.train.torch import TorchTrainer
-
 from knet_platform.errors import RunFailedError, is_deterministic
 from knet_platform.experiment.schema import Experiment
 from knet_platform.ray_runtime import check_capacity, start_ray, stop_ray
@@ -44,6 +40,9 @@ from knet_platform.train.failures import (
 from knet_platform.train.init_from import resolve_init_from
 from knet_platform.train.preflight import check_before_ray
 from knet_platform.train.trainer import build_trainer, fit_with_restarts, validate_for_training
+from ray.exceptions import OutOfMemoryError
+from ray.train import TrainingFailedError
+from ray.train.torch import TorchTrainer
 
 
 @dataclass

@@ -6,11 +6,10 @@ from __future__ import annotations
 import os
 import re
 
-from ray.exceptions import OutOfMemoryError
-from ray.train import TrainingFailedError
-
 from knet_platform.errors import is_deterministic
 from knet_platform.ray_runtime import DEFAULT_WORKER_GROUP_START_TIMEOUT_S, WORKER_GROUP_START_TIMEOUT_ENV
+from ray.exceptions import OutOfMemoryError
+from ray.train import TrainingFailedError
 
 # What Ray's memory monitor writes into the error of a process it killed (Ray 2.60)
 _OOM_MARK = "running low on memory"

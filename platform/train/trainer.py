@@ -11,17 +11,15 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
-from ray.train.torch import TorchTrainer
-
 from knet_platform.experiment.building import ExperimentError
 from knet_platform.train.failures import describe_failure, worth_a_restart
 from knet_platform.train.worker import LoopConfig, train_fn_per_worker
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
+from ray.train.torch import TorchTrainer
 
 if TYPE_CHECKING:
-    from ray.train import Result, UserCallback
-
     from knet_platform.experiment.schema import Experiment
+    from ray.train import Result, UserCallback
 
 # Worker failures (a lost node, an OOM-killed process) a run recovers from, from its latest checkpoint.
 DEFAULT_MAX_FAILURES = 2
