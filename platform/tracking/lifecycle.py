@@ -122,13 +122,8 @@ def _registered_version(target: TrackingTarget, run_id: str, checkpoint: str) ->
                 holder = client.get_model_version_by_alias(name, alias).version
             except MlflowException:
                 holder = None
-            return RegisteredModel(
-                name=name,
-                version=str(version.version),
-                model_uri=f"models:/{name}/{version.version}",
-                alias=alias,
-                alias_uri=f"models:/{name}@{alias}",
-                is_champion=str(holder) == str(version.version),
-                reason="registered before, by this run",
+            champion = str(holder) == str(version.version)
+            return RegisteredModel.of(
+                name, version.version, alias, is_champion=champion, reason="registered before, by this run"
             )
     return None

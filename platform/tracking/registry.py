@@ -53,6 +53,21 @@ class RegisteredModel:
     is_champion: bool
     reason: str
 
+    @classmethod
+    def of(
+        cls, name: str, version: str | int, alias: str, *, is_champion: bool, reason: str
+    ) -> RegisteredModel:
+        """Version ``version`` of ``name``, with both of its URIs."""
+        return cls(
+            name=name,
+            version=str(version),
+            model_uri=f"models:/{name}/{version}",
+            alias=alias,
+            alias_uri=f"models:/{name}@{alias}",
+            is_champion=is_champion,
+            reason=reason,
+        )
+
 
 def log_and_register(
     bundle_dir: str | Path,
@@ -76,15 +91,7 @@ def log_and_register(
     wins, reason = _beats_champion(client, registered_model, alias, metric, float(metric_value), mode)
     if wins:
         client.set_registered_model_alias(registered_model, alias, version.version)
-    return RegisteredModel(
-        name=registered_model,
-        version=str(version.version),
-        model_uri=f"models:/{registered_model}/{version.version}",
-        alias=alias,
-        alias_uri=f"models:/{registered_model}@{alias}",
-        is_champion=wins,
-        reason=reason,
-    )
+    return RegisteredModel.of(registered_model, version.version, alias, is_champion=wins, reason=reason)
 
 
 def register_unscored(
@@ -115,14 +122,8 @@ def register_unscored(
             f"evaluate it (knet eval) and move the alias by hand if it should win: "
             f"MlflowClient().set_registered_model_alias({registered_model!r}, {alias!r}, {version.version})"
         )
-    return RegisteredModel(
-        name=registered_model,
-        version=str(version.version),
-        model_uri=f"models:/{registered_model}/{version.version}",
-        alias=alias,
-        alias_uri=f"models:/{registered_model}@{alias}",
-        is_champion=holder is None,
-        reason=reason,
+    return RegisteredModel.of(
+        registered_model, version.version, alias, is_champion=holder is None, reason=reason
     )
 
 
