@@ -18,7 +18,6 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.knet_platform.tiny_run import (
-    BIN,
     REPO,
     cluster_env,
     descendant_processes,
@@ -44,12 +43,14 @@ def cluster_processes() -> list[int]:
 
 
 def train_worker_nodes(env: dict[str, str]) -> set[str]:
-    """The node ids of the job's Ray Train workers, from the State API (``ray list actors``)."""
-    listed = subprocess.run(
-        [str(BIN / "ray"), "list", "actors", "--address", "http://127.0.0.1:8265", "--detail",
-         "--filter", "class_name=RayTrainWorker", "--format", "json"],
-        env={**env, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    """The node ids of the job's Ray Train workers, from the State API (``ray list actors``), asked in
+    a shell set up as the guide says (``eval "$(local_multinode.sh env)"``)."""
+    listed = shell(
+        f'eval "$({SCRIPT} env)" && ray list actors --address http://127.0.0.1:8265 --detail '
+        "--filter class_name=RayTrainWorker --format json",
+        env,
+        timeout=120,
+    )
     assert listed.returncode == 0, listed.stderr[-2000:]
     return {actor["node_id"] for actor in json.loads(listed.stdout)}
 
