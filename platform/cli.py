@@ -19,10 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from knet_platform.errors import KnetUserError, RunFailedError, is_knet_input_error
 from knet_platform.redaction import redact, redact_text
@@ -46,6 +49,16 @@ class ModelNotFoundError(KnetUserError, LookupError):
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    previous = _interrupt_on_sigterm()
+    try:
+        return _dispatch(args)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    """Run the command; an error becomes its exit code and one line (a bug: its traceback)."""
     try:
         return int(args.command(args) or 0)
     except KeyboardInterrupt:
@@ -59,9 +72,37 @@ def main(argv: Sequence[str] | None = None) -> int:
             return BUG_EXIT
         if args.debug:
             raise
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        print(f"error: {redact_text(message)}", file=sys.stderr)
+        print(f"error: {redact_text(one_line(error))}", file=sys.stderr)
         return RUN_FAILED_EXIT if isinstance(error, RunFailedError) else USER_ERROR_EXIT
+
+
+def one_line(error: BaseException) -> str:
+    """The first line of ``error``'s message, and for an ``OSError`` the path(s) it names if that line
+    lacks them: ``[Errno 2] No such file or directory`` alone gives the user nothing to look at."""
+    text = str(error).strip()
+    line = text.splitlines()[0] if text else type(error).__name__
+    if isinstance(error, OSError):
+        named = [path for path in (error.filename, error.filename2) if path is not None]
+        paths = [os.fsdecode(path) if isinstance(path, (str, bytes)) else str(path) for path in named]
+        missing = [path for path in paths if path not in line]
+        if missing:
+            line = f"{line}: {' -> '.join(missing)}"
+    return line
+
+
+def _interrupt_on_sigterm() -> Any:
+    """Treat SIGTERM as Ctrl-C; return the handler it replaced (None: not replaced, off the main thread).
+
+    ``ray job stop`` sends SIGTERM to a job's entrypoint, then SIGKILL 3 s later; Python's default would
+    die at once, leaving the run (and a search's trial runs) RUNNING in MLflow. As ``KeyboardInterrupt``
+    it ends them KILLED on its way out."""
+    if threading.current_thread() is not threading.main_thread():  # handlers: main thread only
+        return None
+    return signal.signal(signal.SIGTERM, _raise_interrupt)
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"stopped by signal {signum}")
 
 
 def is_user_error(error: BaseException) -> bool:

@@ -9,6 +9,7 @@ needs neither the dataset nor the optimizer state.
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from knet_platform.errors import RunFailedError
 from knet_platform.experiment.schema import Experiment
 from knet_platform.redaction import redact_text
 from knet_platform.tracking.registry import RegisteredModel, log_and_register
@@ -91,6 +93,7 @@ def register_checkpoint(
     A checkpoint this run already registered (a resumed run that had finished) is not registered
     again: its version is returned as it is.
     """
+    require_working_dir()
     earlier = _registered_version(target, run_id, checkpoint)
     if earlier is not None:
         print(f"checkpoint already registered as {earlier.model_uri}; not registering it again")
@@ -109,6 +112,37 @@ def register_checkpoint(
     client = MlflowClient(tracking_uri=target.tracking_uri, registry_uri=target.tracking_uri)
     client.set_model_version_tag(registered.name, registered.version, CHECKPOINT_TAG, redact_text(checkpoint))
     return registered
+
+
+class WorkingDirGoneError(RunFailedError):
+    """The process's working directory was deleted under it (a Ray job's unpacked copy)."""
+
+
+def require_working_dir() -> None:
+    """Fail with the path and the way on when this process's working directory no longer exists.
+
+    A ``ray job submit --working-dir`` job runs in Ray's unpacked copy of the folder; two Ray nodes that
+    shared a temp dir deleted it mid-run, and registration then died in MLflow with a bare
+    ``[Errno 2] No such file or directory``: no path, no hint that the checkpoints were safe.
+    """
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        gone = _deleted_cwd()
+        raise WorkingDirGoneError(
+            f"this process's working directory {gone} was deleted while the run trained (a Ray job's "
+            "unpacked --working-dir; two Ray nodes sharing one --temp-dir delete each other's, see "
+            "cluster/README.md). The checkpoints under tracking.storage_path are intact: `knet run "
+            "--resume` with the same experiment continues from the last one and registers the best."
+        ) from None
+
+
+def _deleted_cwd() -> str:
+    """The deleted working directory's path, as Linux still records it (``/proc/self/cwd``)."""
+    try:
+        return os.readlink("/proc/self/cwd").removesuffix(" (deleted)")
+    except OSError:
+        return os.environ.get("PWD", "(unknown)")
 
 
 def _registered_version(target: TrackingTarget, run_id: str, checkpoint: str) -> RegisteredModel | None:

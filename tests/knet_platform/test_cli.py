@@ -463,3 +463,45 @@ def test_show_config_prints_the_model_keys_the_task_reads(
     assert main(["show-config", str(path), *overrides]) == 0
     model = yaml.safe_load(capsys.readouterr().out)["model"]
     assert not absent & model.keys() and present <= model.keys()
+
+
+def test_an_os_error_reduced_to_one_line_keeps_the_paths_it_names():
+    from knet_platform.cli import one_line
+
+    bare = FileNotFoundError(2, "No such file or directory")
+    bare.filename = "/tmp/ray/session/runtime_resources/working_dir_files/_ray_pkg_1/model"
+    assert one_line(bare) == f"[Errno 2] No such file or directory: '{bare.filename}'"
+    # a message of our own without the path: the path is appended, both of a two-path error
+    moved = OSError(18, "Invalid cross-device link", "/a/ckpt", None, "/b/ckpt")
+    moved.strerror = "could not move the checkpoint\nsecond line"
+    assert one_line(moved) == "[Errno 18] could not move the checkpoint: /a/ckpt -> /b/ckpt"
+    assert (
+        one_line(FileNotFoundError(2, "No such file or directory")) == "[Errno 2] No such file or directory"
+    )
+
+
+def test_a_user_error_that_is_an_os_error_prints_one_line_with_its_path(monkeypatch, capsys):
+    import knet_platform.cli as cli
+    from knet_platform.serve.predict import InputNotFoundError
+
+    error = InputNotFoundError(2, "No such file or directory", "/data/images")
+    monkeypatch.setattr(cli, "_show_config", _command_raising(error))
+    assert main(["show-config", "x.yaml"]) == 2
+    assert capsys.readouterr().err == "error: [Errno 2] No such file or directory: '/data/images'\n"
+
+
+def test_a_working_dir_deleted_under_a_run_stops_registration_naming_the_path_and_resume(
+    tmp_path, monkeypatch
+):
+    from knet_platform.errors import RunFailedError
+    from knet_platform.tracking.lifecycle import require_working_dir
+
+    gone = tmp_path / "_ray_pkg_1234"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()  # what another Ray node's runtime-env agent did to a job's unpacked folder
+    with pytest.raises(RunFailedError) as raised:
+        require_working_dir()
+    message = str(raised.value)
+    assert str(gone) in message and "`knet run --resume`" in message
+    assert "\n" not in message  # the CLI prints it whole as one error line
