@@ -76,9 +76,7 @@ class KNetDataset(Dataset):
         else:
             image, target, meta = self._read_or_placeholder(index)
         if self.train:
-            generator = torch.Generator().manual_seed(
-                (self.seed * 1_000_003 + self.epoch) * 1_000_003 + index
-            )
+            generator = torch.Generator().manual_seed(augmentation_seed(self.seed, self.epoch, index))
             image, target, info = train_transform(image, target, self.transforms, generator)
         else:
             image, target, info = eval_transform(image, target, self.transforms)
@@ -130,6 +128,11 @@ class KNetDataset(Dataset):
             "skipped": self.skipped[index],
         }
         return torch.zeros(3, height, width, dtype=torch.uint8), target, meta
+
+
+def augmentation_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of item ``index``'s train augmentation in ``epoch`` (the same in any process)."""
+    return ((seed * 1_000_003 + epoch) * 1_000_003 + index) % 2**63
 
 
 def build_dataset(

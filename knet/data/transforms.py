@@ -92,6 +92,15 @@ def train_transform(
     image: torch.Tensor, target: dict[str, Any], cfg: TransformConfig, generator: torch.Generator
 ) -> tuple[torch.Tensor, dict[str, Any], dict[str, Any]]:
     """Multi-scale resize, random flip, random crop, normalise. Returns (image, target, info)."""
+    image, target, info = train_geometry(image, target, cfg, generator)
+    return normalize(image, cfg.mean, cfg.std), target, info
+
+
+def train_geometry(
+    image: torch.Tensor, target: dict[str, Any], cfg: TransformConfig, generator: torch.Generator
+) -> tuple[torch.Tensor, dict[str, Any], dict[str, Any]]:
+    """:func:`train_transform` before normalising: the image stays uint8 (3, h, w), a quarter of the
+    bytes, for samples prepared in one process and trained on in another."""
     h, w = image.shape[-2:]
     if cfg.train_short_sides is not None:
         pick = int(torch.randint(len(cfg.train_short_sides), (), generator=generator))
@@ -110,7 +119,7 @@ def train_transform(
         left = int(torch.randint(w - cw + 1, (), generator=generator))
         image, target = crop(image, target, top, left, ch, cw)
     info = {"flipped": flipped, "img_size": tuple(image.shape[-2:])}
-    return normalize(image, cfg.mean, cfg.std), target, info
+    return image, target, info
 
 
 def eval_transform(
