@@ -33,6 +33,14 @@ _HEAVY = {
     "detect_source": ("knet.data.check", "detect_source"),
     "decode_image": ("knet.data.io", "read_rgb"),
     "pack_dataset": ("knet.data.parquet", "pack_dataset"),
+    "load_manifest": ("knet.data.parquet", "load_manifest"),
+    "ShardStore": ("knet.data.shard_store", "ShardStore"),
+    "contiguous_share": ("knet.data.streaming", "contiguous_share"),
+    "decode_sample": ("knet.data.streaming", "decode_sample"),
+    "encode_sample": ("knet.data.streaming", "encode_sample"),
+    "prepare_train_row": ("knet.data.streaming", "prepare_train_row"),
+    "shard_epoch_order": ("knet.data.streaming", "shard_epoch_order"),
+    "shard_row_groups": ("knet.data.streaming", "shard_row_groups"),
     "denormalize": ("knet.data.transforms", "denormalize"),
     "CocoInstanceResultsWriter": ("knet.evaluation", "CocoInstanceResultsWriter"),
     "EvaluationResult": ("knet.evaluation", "EvaluationResult"),
@@ -63,7 +71,16 @@ if TYPE_CHECKING:
     from knet.data.dataset import build_dataset, collate_batch
     from knet.data.io import read_rgb as decode_image
     from knet.data.known_categories import known_categories
-    from knet.data.parquet import pack_dataset
+    from knet.data.parquet import load_manifest, pack_dataset
+    from knet.data.shard_store import ShardStore
+    from knet.data.streaming import (
+        contiguous_share,
+        decode_sample,
+        encode_sample,
+        prepare_train_row,
+        shard_epoch_order,
+        shard_row_groups,
+    )
     from knet.data.synthetic import synthesize
     from knet.data.transforms import denormalize
     from knet.evaluation import (
@@ -124,6 +141,14 @@ __all__ = [
     "model_config_for_task",
     "model_keys",
     "pack_dataset",
+    "load_manifest",
+    "ShardStore",
+    "contiguous_share",
+    "decode_sample",
+    "encode_sample",
+    "prepare_train_row",
+    "shard_epoch_order",
+    "shard_row_groups",
     "plain",
     "plain_fields",
     "reduces_zero_label",

@@ -64,6 +64,36 @@ class SyntheticConfig:
         )
 
 
+IngestEngine = Literal["auto", "ray_data", "dataloader"]
+
+
+@dataclass
+class IngestConfig:
+    """How train samples reach the workers (docs/data-ingest.md).
+
+    engine: ``ray_data`` streams a ``parquet`` train split through Ray Data (read, decode and augment
+    in Ray tasks, each row once per epoch across the workers); ``dataloader`` reads it in each worker
+    with a PyTorch DataLoader; ``auto`` picks ``ray_data`` for Parquet and ``dataloader`` otherwise.
+    shuffle_buffer_rows: rows each worker shuffles locally after the seeded shard order (0: none).
+    cpus_per_task: CPUs a Ray Data read/decode task reserves. prefetch_batches: batches each worker
+    keeps ready ahead of the step.
+    """
+
+    engine: IngestEngine = "auto"
+    shuffle_buffer_rows: int = 256
+    cpus_per_task: float = 1.0
+    prefetch_batches: int = 2
+
+    def __post_init__(self) -> None:
+        require(
+            self.shuffle_buffer_rows >= 0,
+            "data.ingest.shuffle_buffer_rows",
+            "must be >= 0 (0: no local shuffle)",
+        )
+        require(self.cpus_per_task > 0, "data.ingest.cpus_per_task", "must be > 0 (e.g. 1 or 0.5)")
+        require(self.prefetch_batches >= 0, "data.ingest.prefetch_batches", "must be >= 0")
+
+
 @dataclass
 class DataConfig:
     train: DataSource | None = None
@@ -72,10 +102,25 @@ class DataConfig:
     synthetic: SyntheticConfig | None = None
     num_workers: int = 2  # DataLoader workers per Ray worker
     repeat: int = 1  # the train split is seen this many times per epoch (a tiny dataset: more steps)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
 
     def __post_init__(self) -> None:
         require(self.num_workers >= 0, "data.num_workers", "must be >= 0 (0 loads in the worker)")
         require(self.repeat >= 1, "data.repeat", "must be >= 1 (1 = each train image once per epoch)")
+        if self.ingest.engine == "ray_data" and self.train is not None:
+            require(
+                self.train.format == "parquet",
+                "data.ingest.engine",
+                f"is ray_data, which streams Parquet shards, but data.train.format is {self.train.format!r}: "
+                "pack the split with `knet data pack` or use engine: auto",
+            )
+
+    @property
+    def streams_train(self) -> bool:
+        """The train split goes through Ray Data (see :class:`IngestConfig`)."""
+        if self.train is None or self.ingest.engine == "dataloader":
+            return False
+        return self.train.format == "parquet"
 
 
 @dataclass

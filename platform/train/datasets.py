@@ -3,6 +3,7 @@ Train worker (and on the driver wherever it needs the data's categories)."""
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,14 +77,27 @@ def build_datasets(experiment: Experiment) -> Datasets:
     formats must list the same categories, else a DataError names the val file).
     """
     data = experiment.data
-    train = build_dataset(data.train, data.transforms, train=True)
+    train = build_dataset(data.train, data.transforms, train=True, seed=experiment.train.seed)
     categories = train.categories
     if data.repeat > 1:  # each repetition is augmented afresh: a small dataset gives longer epochs
-        train = ConcatDataset([train] * data.repeat)
+        train = ConcatDataset([_reseeded(train, experiment.train.seed, r) for r in range(data.repeat)])
     val = None
     if data.val is not None:
         val = build_dataset(data.val, data.transforms, train=False, categories=categories)
     return Datasets(train=train, val=val, categories=categories)
+
+
+def set_train_epoch(train: Any, epoch: int) -> None:
+    """Give the train split's augmentation the epoch (each epoch crops and flips afresh)."""
+    for dataset in getattr(train, "datasets", [train]):  # a ConcatDataset of repetitions, or one
+        dataset.set_epoch(epoch)
+
+
+def _reseeded(dataset: Any, seed: int, repetition: int) -> Any:
+    """A view of ``dataset`` (the same reader) whose augmentation seed is the repetition's own."""
+    view = copy.copy(dataset)
+    view.seed = seed * 1_009 + repetition
+    return view
 
 
 def _missing_paths(experiment: Experiment) -> list[str]:

@@ -109,9 +109,12 @@ def run_experiment(
     with tempfile.TemporaryDirectory(prefix="knet-init-") as scratch:
         # model.init_from as a local bundle that fits the model, or one error line before Ray
         started = resolve_init_from(experiment, target, Path(scratch), from_checkpoint=from_checkpoint)
-        runtime = start_ray(num_cpus=None)
+        from knet_platform.train.ingest import check_ingest_capacity, local_ray_cpus  # loads Ray Data
+
+        runtime = start_ray(num_cpus=local_ray_cpus(experiment))
         try:
             check_capacity(experiment.scaling, runtime)
+            check_ingest_capacity(experiment)
             with tracked_run(experiment, target, "run", record=record) as run:
                 summary = _fit_and_register(started, run, from_checkpoint)
         finally:

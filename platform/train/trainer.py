@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from knet_platform.experiment.building import ExperimentError
 from knet_platform.train.failures import describe_failure, worth_a_restart
@@ -90,6 +90,7 @@ def build_trainer(
     return TorchTrainer(
         train_fn_per_worker,
         train_loop_config=loop.to_dict(),
+        **_ray_data_ingest(experiment, storage_path, run_name, resume_from),
         scaling_config=ScalingConfig(
             num_workers=scaling.num_workers,
             use_gpu=scaling.use_gpu,
@@ -111,6 +112,22 @@ def build_trainer(
             callbacks=list(callbacks),
         ),
     )
+
+
+def _ray_data_ingest(
+    experiment: Experiment, storage_path: str, run_name: str, resume_from: str | None
+) -> dict[str, Any]:
+    """``datasets`` and ``dataset_config`` for a train split Ray Data streams (else nothing): its order
+    starts at the epoch the run resumes at, so a resumed run reads what an unbroken one would."""
+    if not experiment.data.streams_train:
+        return {}
+    from knet_platform.train.checkpoints import load_checkpoint
+    from knet_platform.train.ingest import TRAIN, data_config, resume_epoch, train_dataset
+
+    first_epoch = resume_epoch(storage_path, run_name)
+    if first_epoch == 0 and resume_from is not None:
+        first_epoch = load_checkpoint(resume_from).epoch
+    return {"datasets": {TRAIN: train_dataset(experiment, first_epoch)}, "dataset_config": data_config()}
 
 
 def validate_for_training(experiment: Experiment) -> None:

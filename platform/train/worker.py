@@ -14,9 +14,10 @@ import math
 import random
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import ray.train
@@ -29,6 +30,7 @@ from knet_platform.knet_adapter import (
     build_evaluators,
     build_model,
     collate_batch,
+    contiguous_share,
     denormalize,
     evaluate,
     reduces_zero_label,
@@ -49,9 +51,14 @@ from knet_platform.train.checkpoints import (
     rng_state_for_rank,
     save_checkpoint,
 )
-from knet_platform.train.datasets import Datasets, build_datasets
+from knet_platform.train.datasets import Datasets, build_datasets, set_train_epoch
+from knet_platform.train.ingest import TRAIN, iter_train_batches, rows_per_worker
 from knet_platform.train.optim import build_optimizer, warmup_step_factor
 from torch.utils.data import DataLoader, Subset
+
+if TYPE_CHECKING:
+    from knet_platform.knet_adapter import Batch
+    from ray.data import DataIterator
 
 NUM_OVERLAYS = 3  # fixed val images (the first ones) drawn into MLflow at every evaluated epoch
 
@@ -99,7 +106,8 @@ class WorkerRun:
     world_size: int
     device: torch.device
     datasets: Datasets
-    train_loader: DataLoader
+    train_loader: DataLoader | None  # None when Ray Data streams the train split (train_stream)
+    train_stream: DataIterator | None
     val_loader: DataLoader | None
     loader_generator: torch.Generator
     model: torch.nn.Module  # DDP-wrapped with 2+ workers
@@ -152,13 +160,14 @@ def _set_up(loop: LoopConfig) -> WorkerRun:
     datasets = build_datasets(experiment)
     loader_generator = torch.Generator()
     train_loader, val_loader = _loaders(experiment, datasets, loader_generator, rank, world_size)
+    train_stream = ray.train.get_dataset_shard(TRAIN) if train_loader is None else None  # Ray
     model_config = experiment.model_config(datasets.categories)
     # on the device before the optimizer exists, so restored optimizer state lands next to its params
     model = build_model(model_config).to(device)
-    steps_per_epoch = min(len(train_loader), train.max_steps_per_epoch or len(train_loader))
+    steps_per_epoch = _steps_per_epoch(experiment, train_loader, world_size)
     optimizer, scheduler, scaler = _optimisation(experiment, model, steps_per_epoch, device, rank)
     run = WorkerRun(
-        loop, rank, world_size, device, datasets, train_loader, val_loader, loader_generator,
+        loop, rank, world_size, device, datasets, train_loader, train_stream, val_loader, loader_generator,
         model, model, model_config, optimizer, scheduler, scaler, steps_per_epoch, logger=None,
     )  # fmt: skip
     restored = _restore(run)
@@ -174,21 +183,34 @@ def _set_up(loop: LoopConfig) -> WorkerRun:
 
 def _loaders(
     experiment: Experiment, datasets: Datasets, generator: torch.Generator, rank: int, world_size: int
-) -> tuple[DataLoader, DataLoader | None]:
-    """This worker's train loader (Ray's DistributedSampler shards it) and its share of the val set."""
+) -> tuple[DataLoader | None, DataLoader | None]:
+    """This worker's train loader (Ray's DistributedSampler shards it; None when Ray Data streams the
+    train split) and its share of the val set."""
     batch_size, num_workers = experiment.train.batch_size, experiment.data.num_workers
-    train_loader = DataLoader(
-        datasets.train, batch_size=batch_size, shuffle=True, collate_fn=collate_batch,
-        num_workers=num_workers, generator=generator, drop_last=False,
-    )  # fmt: skip
-    train_loader = ray.train.torch.prepare_data_loader(train_loader, move_to_device=False)  # Ray
+    train_loader = None
+    if not experiment.data.streams_train:
+        train_loader = DataLoader(
+            datasets.train, batch_size=batch_size, shuffle=True, collate_fn=collate_batch,
+            num_workers=num_workers, generator=generator, drop_last=False,
+        )  # fmt: skip
+        train_loader = ray.train.torch.prepare_data_loader(train_loader, move_to_device=False)  # Ray
     if datasets.val is None:
         return train_loader, None
-    # The val set is split by hand (every world_size-th image): DistributedSampler would pad the last
-    # shard with repeated images and the merged metrics would count them twice.
-    share = Subset(datasets.val, range(rank, len(datasets.val), world_size))
+    # The val set is split by hand into contiguous blocks: DistributedSampler would pad the last
+    # shard with repeated images and the merged metrics would count them twice; contiguous, so a
+    # packed val split's worker reads its own row groups only.
+    share = Subset(datasets.val, contiguous_share(len(datasets.val), rank, world_size))
     val_loader = DataLoader(share, batch_size=batch_size, collate_fn=collate_batch, num_workers=num_workers)
     return train_loader, val_loader
+
+
+def _steps_per_epoch(experiment: Experiment, train_loader: DataLoader | None, world_size: int) -> int:
+    """Batches per epoch on each worker, capped by ``train.max_steps_per_epoch``."""
+    if train_loader is not None:
+        batches = len(train_loader)
+    else:  # Ray Data gives every worker the same number of rows
+        batches = math.ceil(rows_per_worker(experiment, world_size) / experiment.train.batch_size)
+    return min(batches, experiment.train.max_steps_per_epoch or batches)
 
 
 def _optimisation(
@@ -283,14 +305,11 @@ def _train_one_epoch(run: WorkerRun) -> dict[str, float]:
     """Train over this worker's shard; the epoch's loss terms averaged over every worker's steps."""
     train = run.experiment.train
     epoch_number = run.epoch + 1
-    if run.world_size > 1:
-        run.train_loader.sampler.set_epoch(run.epoch)
-    run.loader_generator.manual_seed(train.seed * 100_003 + run.epoch * run.world_size + run.rank)
     started = time.perf_counter()
     run.model.train()
     loss_sums: dict[str, torch.Tensor] = {}
     steps = 0
-    for batch in run.train_loader:
+    for batch in _epoch_batches(run):
         if steps >= run.steps_per_epoch:
             break
         losses = _train_step(run, batch)
@@ -308,6 +327,29 @@ def _train_one_epoch(run: WorkerRun) -> dict[str, float]:
     metrics["train/lr"] = run.optimizer.param_groups[0]["lr"]
     metrics["train/steps_per_s"] = steps / max(run.train_seconds, 1e-9)
     return metrics
+
+
+def _epoch_batches(run: WorkerRun) -> Iterator[Batch]:
+    """This worker's batches of the coming epoch: its DataLoader's (sampler and augmentation set to the
+    epoch) or its Ray Data shard's, checked to carry the epoch's order."""
+    if run.train_loader is not None:
+        if run.world_size > 1:
+            run.train_loader.sampler.set_epoch(run.epoch)
+        set_train_epoch(run.datasets.train, run.epoch)
+        seed = run.experiment.train.seed
+        run.loader_generator.manual_seed(seed * 100_003 + run.epoch * run.world_size + run.rank)
+        yield from run.train_loader
+        return
+    batches = iter_train_batches(
+        run.train_stream, run.experiment, epoch=run.epoch, rank=run.rank, world_size=run.world_size
+    )
+    for step, (batch, _, epochs) in enumerate(batches):
+        if step == 0 and run.rank == 0 and int(epochs[0]) != run.epoch:
+            print(
+                f"note: Ray Data delivered epoch {int(epochs[0]) + 1}'s order for epoch {run.epoch + 1} "
+                "(every row still once); see docs/data-ingest.md"
+            )
+        yield batch
 
 
 def _train_step(run: WorkerRun, batch: Any) -> dict[str, torch.Tensor]:

@@ -39,7 +39,7 @@ def _worker_run(experiment) -> WorkerRun:  # noqa: ANN001
     optimizer, scheduler, scaler = worker._optimisation(experiment, model, 2, device, rank=0)
     loop = worker.LoopConfig(experiment=experiment)
     return WorkerRun(
-        loop, 0, 1, device, datasets, loader, val_loader, torch.Generator(), model, model, config,
+        loop, 0, 1, device, datasets, loader, None, val_loader, torch.Generator(), model, model, config,
         optimizer, scheduler, scaler, steps_per_epoch=2, logger=None,
     )  # fmt: skip
 
