@@ -43,14 +43,28 @@ start() {
   fi
   mkdir -p "$STATE"
   ray get-auth-token --generate > /dev/null
+  # agents on ports of their own: Ray's default (52365) may belong to another Ray of this machine, and
+  # a head without its agent refuses jobs ("No available agent to submit job")
   ray start --head --node-ip-address 127.0.0.1 --port "$GCS_PORT" --temp-dir "$STATE/head" \
     --dashboard-host 127.0.0.1 --dashboard-port "$DASHBOARD_PORT" \
+    --dashboard-agent-listen-port "$((DASHBOARD_PORT + 99))" \
     --num-cpus 1 --resources '{"trainslot": 1}' --object-store-memory 200000000 --disable-usage-stats
   ray start --address "127.0.0.1:$GCS_PORT" --node-ip-address 127.0.0.1 --temp-dir "$STATE/worker" \
     --num-cpus 1 --resources '{"trainslot": 1}' --object-store-memory 200000000 \
     --dashboard-agent-listen-port "$((DASHBOARD_PORT + 100))" --metrics-export-port 0 --disable-usage-stats
+  wait_for_port "$((DASHBOARD_PORT + 99))"  # the head's agent runs the jobs: submit works from now on
   echo "cluster up: jobs and dashboard at http://127.0.0.1:$DASHBOARD_PORT"
   echo "in every shell that uses it: eval \"\$($0 env)\""
+}
+
+wait_for_port() {
+  local _
+  for _ in $(seq 120); do
+    (exec 3<> "/dev/tcp/127.0.0.1/$1") 2> /dev/null && return 0
+    sleep 0.5
+  done
+  echo "error: nothing listens on 127.0.0.1:$1 after 60 s (see $STATE/head/session_latest/logs)" >&2
+  exit 1
 }
 
 add_node() {
@@ -75,9 +89,16 @@ submit() {
 }
 
 node_processes() {
-  # every process whose command line names this cluster's temp dirs (GCS, raylets, agents, dashboard);
-  # the Ray workers exit with their raylet
-  pgrep -f -- "$STATE/(head|worker)" || true
+  # every process whose command line names this cluster's temp dirs (GCS, raylets, dashboard); the
+  # Ray workers exit with their raylet. Agents rename themselves (ray::DashboardAgent): found by the
+  # log files they hold open under $STATE (one outlived its killed raylet, holding its port).
+  {
+    pgrep -f -- "$STATE/(head|worker)" || true
+    local pid
+    for pid in $(pgrep -u "$(id -u)" -- '^ray::' || true); do
+      if ls -l "/proc/$pid/fd" 2> /dev/null | grep -q -- "$STATE/"; then echo "$pid"; fi
+    done
+  } | sort -u
 }
 
 stop() {

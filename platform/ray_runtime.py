@@ -86,13 +86,46 @@ def start_ray(
         return RayRuntime(address=None, started_here=False, local=_local_ray_started)
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        # merged into the job's runtime env (ray job submit's working_dir stays); every worker gets it
-        ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": {PRINT_PATCH_ENV: "0"}})
+        _connect(address)
         _local_ray_started = False
     else:
         _start_local_ray(num_cpus, object_store_memory, include_dashboard)
         _local_ray_started = True
     return RayRuntime(address=address, started_here=True, local=not address)
+
+
+def _connect(address: str) -> None:
+    """``ray.init`` of the cluster at ``address``, its workers told where its State API is.
+
+    The env vars are merged into the job's runtime env (``ray job submit``'s working_dir stays), so
+    every actor of the job inherits them, Train's detached placement-group cleaner among them: without
+    ``RAY_API_SERVER_ADDRESS`` it looked for "the" local Ray, found several on a machine running more
+    than one, and never removed a finished trial's placement group (a search then waited forever).
+    """
+    env_vars = {PRINT_PATCH_ENV: "0"}
+    api_server = os.environ.get(API_SERVER_ENV) or cluster_api_server(address)
+    if api_server:
+        env_vars[API_SERVER_ENV] = api_server
+    ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": env_vars})
+
+
+def cluster_api_server(address: str) -> str | None:
+    """The dashboard URL (it serves the State API) that the cluster at ``address`` records in its GCS;
+    None for a Ray Client address (``ray://``), a cluster without a dashboard, or one not reachable
+    (``ray.init`` then says why)."""
+    if address.startswith("ray://"):
+        return None
+    from ray._private.ray_constants import DASHBOARD_ADDRESS, KV_NAMESPACE_DASHBOARD
+    from ray._private.services import canonicalize_bootstrap_address_or_die
+    from ray._raylet import GcsClient
+
+    try:
+        gcs = GcsClient(address=canonicalize_bootstrap_address_or_die(address))
+        url = gcs.internal_kv_get(DASHBOARD_ADDRESS.encode(), KV_NAMESPACE_DASHBOARD, timeout=10)
+    except Exception as problem:  # Ray's own errors (ConnectionError, RpcError): ray.init reports them
+        print(f"note: could not read the cluster's dashboard address from {address}: {problem}", flush=True)
+        return None
+    return f"http://{url.decode()}" if url else None
 
 
 def _start_local_ray(num_cpus: int | None, object_store_memory: int, include_dashboard: bool) -> None:

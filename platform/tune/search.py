@@ -213,7 +213,10 @@ def _search(
         budget.driver,
     )
     tuner = _tuner(experiment, trainable, masked, budget, run.name, target, run.run_id, resume)
-    grid = tuner.fit()
+    try:
+        grid = tuner.fit()
+    finally:
+        _end_open_trials(target, run.run_id)
     results_path = f"{target.storage_path.rstrip('/')}/{run.name}"
     return _summarise(experiment, grid, masked, target, run.run_id, results_path)
 
@@ -467,6 +470,20 @@ def _best_reported(result: Any, metric: str, mode: str) -> tuple[float, str | No
         return math.nan, None
     row = rows.loc[rows[metric].idxmax() if mode == "max" else rows[metric].idxmin()]
     return float(row[metric]), str(row["checkpoint_path"])
+
+
+def _end_open_trials(target: TrackingTarget, parent_run_id: str) -> None:
+    """End as KILLED the child runs still RUNNING once Tune returns or is interrupted: Ctrl-C or
+    ``ray job stop`` (SIGTERM, see ``cli.main``) stops trials without :class:`TrialRunCloser` hearing
+    of it, and MLflow would show them RUNNING forever. After a search that ran to its end, none is."""
+    client = MlflowClient(tracking_uri=target.tracking_uri)
+    experiment_id = client.get_run(parent_run_id).info.experiment_id
+    open_runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.status = 'RUNNING'",
+    )
+    for child in open_runs:
+        end_run(target.tracking_uri, child.info.run_id, "KILLED")
 
 
 def _child_run(target: TrackingTarget, parent_run_id: str, trial_id: str) -> str | None:

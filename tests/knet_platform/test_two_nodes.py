@@ -23,6 +23,7 @@ from tests.knet_platform.tiny_run import (
     descendant_processes,
     latest_registered_epoch,
     tiny_overrides,
+    tune_overrides,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.mlflow]
@@ -53,6 +54,19 @@ def train_worker_nodes(env: dict[str, str]) -> set[str]:
     )
     assert listed.returncode == 0, listed.stderr[-2000:]
     return {actor["node_id"] for actor in json.loads(listed.stdout)}
+
+
+def placement_group_states(env: dict[str, str]) -> list[str]:
+    """The state of every placement group the cluster knows (``ray list placement-groups``), asked in
+    a shell set up as the guide says."""
+    listed = shell(
+        f'eval "$({SCRIPT} env)" && ray list placement-groups --address http://127.0.0.1:8265 '
+        "--detail --format json",
+        env,
+        timeout=120,
+    )
+    assert listed.returncode == 0, listed.stderr[-2000:]
+    return [group["state"] for group in json.loads(listed.stdout)]
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +106,41 @@ def test_a_job_on_two_local_nodes_puts_one_worker_on_each_and_registers_its_mode
     (run,) = client.search_runs([client.get_experiment_by_name("quickstart").experiment_id])
     assert run.info.status == "FINISHED"
     assert client.get_model_version_by_alias("quickstart", "champion").run_id == run.info.run_id
+
+
+def test_a_search_submitted_as_a_job_succeeds_frees_every_placement_group_and_ends_every_trial_run(
+    tmp_path: Path, cluster: dict[str, str]
+) -> None:
+    # Each trial takes both trainslots (a worker on each node), so the second trial starts only once the
+    # first one's placement group is gone; 2 trials of 1 epoch, one after the other.
+    overrides = [
+        *tiny_overrides(tmp_path, epochs=1, workers=2),
+        *tune_overrides(lrs=[1e-3, 5e-4], scheduler="fifo"),
+        "scaling.resources_per_worker={CPU: 0.5, trainslot: 1}",
+    ]
+    sets = " ".join(f"--set '{o}'" for o in overrides)
+    job = shell(f'eval "$({SCRIPT} env)" && {SCRIPT} submit experiments/quickstart.yaml {sets}', cluster, 600)
+    output = job.stdout + job.stderr
+    assert job.returncode == 0, output[-5000:]
+    assert "search finished" in output and "succeeded" in output, output[-3000:]
+    # Train's placement-group cleaner asked this cluster's State API, not "the" local Ray it guessed
+    # (with another Ray on the machine it found several, and each trial's clean-up stalled or leaked)
+    assert "Found multiple active Ray instances" not in output
+    assert "Failed to stop PlacementGroupCleaner" not in output
+
+    states = placement_group_states(cluster)
+    deadline = time.time() + 30  # a cleaner removes a group within a second or two of its run's end
+    while any(state != "REMOVED" for state in states) and time.time() < deadline:
+        time.sleep(1)
+        states = placement_group_states(cluster)
+    assert states and set(states) == {"REMOVED"}, states
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("quickstart").experiment_id])
+    (parent,) = [run for run in runs if "mlflow.parentRunId" not in run.data.tags]
+    children = [run for run in runs if run.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 2 and len(runs) == 3
+    assert {run.info.status for run in runs} == {"FINISHED"}
 
 
 def test_a_run_that_loses_a_node_ends_in_bounded_time_and_resumes_once_one_is_added(
