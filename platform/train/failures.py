@@ -8,7 +8,7 @@ import re
 
 from knet_platform.errors import is_deterministic
 from knet_platform.ray_runtime import DEFAULT_WORKER_GROUP_START_TIMEOUT_S, WORKER_GROUP_START_TIMEOUT_ENV
-from ray.exceptions import OutOfMemoryError
+from ray.exceptions import OutOfMemoryError, RayTaskError
 from ray.train import TrainingFailedError
 
 # What Ray's memory monitor writes into the error of a process it killed (Ray 2.60)
@@ -89,13 +89,25 @@ def describe_failure(error: TrainingFailedError) -> str:
     a failure of Ray Train's controller as its last line."""
     failures = getattr(error, "worker_failures", None) or {}
     for rank, failure in sorted(failures.items()):
-        cause = getattr(failure, "cause", None) or failure
+        cause = _innermost(failure)
         lines = [line for line in str(cause).strip().splitlines() if line.strip()]
-        last = lines[-1] if lines else ""
+        if isinstance(cause, RayTaskError):  # a traceback whose last line names the error
+            line = lines[-1] if lines else ""
+        else:  # the error's own message; Ray Data appends its retry advice on further lines
+            line = lines[0] if lines else ""
         name = type(cause).__name__
-        return f"worker {rank}: {last if last.startswith(name) else f'{name}: {last}'}"
+        return f"worker {rank}: {line if line.startswith(name) else f'{name}: {line}'}"
     lines = [line for line in str(error).strip().splitlines() if line.strip()]
     return lines[-1] if lines else type(error).__name__
+
+
+def _innermost(failure: BaseException) -> BaseException:
+    """The error under Ray's task-error wrappers (a Ray Data read inside a worker wraps twice)."""
+    seen = set()
+    while getattr(failure, "cause", None) is not None and id(failure) not in seen:
+        seen.add(id(failure))
+        failure = failure.cause
+    return failure
 
 
 def _causes(error: BaseException) -> list[BaseException]:

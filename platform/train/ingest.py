@@ -149,13 +149,14 @@ def train_dataset(experiment: Experiment, first_epoch: int) -> ray.data.Dataset:
     )
 
 
-def data_config() -> DataConfig:
-    """Split only the train set, deterministically: the stream's order kept, no locality hints."""
+def data_config(names: tuple[str, ...] = (TRAIN,)) -> DataConfig:
+    """Split the datasets ``names`` (the train set) deterministically: the stream's order kept, no
+    locality hints (a block's node would decide which worker gets it)."""
     from ray.train import DataConfig
 
     options = DataConfig.default_ingest_options()
     options.preserve_order = True
-    return DataConfig(datasets_to_split=[TRAIN], execution_options=options, enable_shard_locality=False)
+    return DataConfig(datasets_to_split=list(names), execution_options=options, enable_shard_locality=False)
 
 
 def local_ray_cpus(experiment: Experiment) -> int | None:
