@@ -16,6 +16,7 @@ callback, which holds the experiment and the tracking URI as they are.)
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -204,7 +205,7 @@ def _search(
     trainable = tune.with_resources(
         tune.with_parameters(
             _run_trial,
-            base=experiment.without_tune(),
+            base=trial_base(experiment),
             masked=masked,
             tracking=asdict(target),
             parent_run_id=run.run_id,
@@ -219,6 +220,14 @@ def _search(
         _end_open_trials(target, run.run_id)
     results_path = f"{target.storage_path.rstrip('/')}/{run.name}"
     return _summarise(experiment, grid, masked, target, run.run_id, results_path)
+
+
+def trial_base(experiment: Experiment) -> Experiment:
+    """What every trial starts from: the experiment without its search, its data read with the
+    DataLoader (``engine: auto``; Tune packs trials onto every CPU, none would be left for Ray Data)."""
+    base = experiment.without_tune()
+    ingest = dataclasses.replace(base.data.ingest, engine="dataloader")
+    return dataclasses.replace(base, data=dataclasses.replace(base.data, ingest=ingest))
 
 
 def _run_trial(

@@ -53,9 +53,20 @@ def validate_search(experiment: Experiment) -> None:
         require_optuna()
     _check_scheduler(experiment)
     _check_metric_every_epoch(experiment)
+    _check_ingest(experiment)
     require_concurrency_when_waiting(experiment.scaling.wait_for_resources, settings.max_concurrent_trials)
     check_values(experiment, space)
     validate_for_training(experiment)
+
+
+def _check_ingest(experiment: Experiment) -> None:
+    """Trials read their data with the DataLoader: Tune packs trials onto every CPU, which would leave
+    none for Ray Data's tasks (docs/data-ingest.md)."""
+    if experiment.data.ingest.engine == "ray_data":
+        raise SearchSpaceError(
+            "data.ingest.engine: ray_data streams data for `knet run`; a search's trials read Parquet "
+            "shards with the DataLoader. Set data.ingest.engine: auto (or dataloader) for the search."
+        )
 
 
 def check_settings(settings: TuneConfig) -> None:

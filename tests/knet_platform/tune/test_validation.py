@@ -312,3 +312,17 @@ def test_the_experiment_package_imports_nothing_from_the_tune_package():
             tune = [name for name in names if (name + ".").startswith("knet_platform.tune.")]
             offenders += [f"{path.name}: {name}" for name in tune]
     assert offenders == []
+
+
+# ---- data ingest ---------------------------------------------------------------------------------
+
+
+def test_a_search_refuses_ray_data_ingest_and_runs_auto_trials_on_the_dataloader(tmp_path: Path) -> None:
+    from knet_platform.tune.search import trial_base
+
+    parquet = "data.train={format: parquet, shards: " + str(tmp_path) + "}"
+    with pytest.raises(SearchSpaceError, match=r"data\.ingest\.engine: ray_data streams data for `knet run`"):
+        validate_search(_tiny_search(tmp_path, parquet, "data.ingest.engine=ray_data"))
+    auto = _tiny_search(tmp_path, parquet)
+    assert auto.data.streams_train and not trial_base(auto).data.streams_train
+    assert trial_base(auto).tune is None
