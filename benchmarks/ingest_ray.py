@@ -1,0 +1,244 @@
+"""The Ray Data half of ``benchmarks.ingest``: one training worker's epoch through
+``knet_platform.train.ingest`` (``train_dataset`` -> ``data_config()`` split for one worker ->
+``iter_train_batches`` in a Ray actor that stands in for the Train worker), its rows/s and peak RSS.
+
+A pass is one epoch on a fresh dataset and a fresh consumer actor (so its ``ru_maxrss`` is the pass's
+own), timed inside the actor from the first ``iter_train_batches`` call to the last batch: read,
+sha256, decode + augment + ``encode_sample`` in Ray Data tasks, then ``decode_sample`` + collate in
+the consumer, as a Train worker gets its batches. Two orders:
+
+- shuffled: ``train_dataset(experiment, 0)`` as training builds it (seeded shard and row-group order,
+  ``data.ingest.shuffle_buffer_rows`` local shuffle in the consumer);
+- sequential: the same map over the shards in storage order, row groups in file order, buffer 0.
+
+While a pass runs, the driver samples the RSS of the other Ray worker processes (Ray Data read/map
+tasks and the split coordinator; idle workers left out): the largest one's USS and their summed
+USS, peaks.
+"""
+
+from __future__ import annotations
+
+import importlib
+import resource
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import ray
+import ray.data
+from knet_platform.experiment.schema import Experiment, load_experiment
+from knet_platform.knet_adapter import CategoryTable, ShardStore
+from knet_platform.train.ingest import (
+    TRAIN,
+    ShardDatasource,
+    data_config,
+    iter_train_batches,
+    prepare_rows,
+    train_dataset,
+)
+from ray.data.block import BlockMetadata
+from ray.data.datasource import ReadTask
+
+# psutil is not a project dependency: Ray ships it (ray/thirdparty_files, on sys.path once ray is imported)
+psutil = importlib.import_module("psutil")
+
+EXPERIMENT = """\
+name: ingest-benchmark
+task: panoptic
+data:
+  train: {{format: parquet, shards: "{shards}"}}
+  transforms:
+    train_short_sides: [{short}, {size}]
+    max_size: {max_size}
+    crop_size: [{size}, {size}]
+  ingest: {{engine: ray_data, shuffle_buffer_rows: {buffer}, cpus_per_task: 1, prefetch_batches: 2}}
+train: {{batch_size: {batch}, seed: {seed}, metric: train/loss, mode: min}}
+scaling: {{num_workers: 1, resources_per_worker: {{CPU: 1}}}}
+"""
+
+
+def write_experiment(
+    folder: Path, shards: str, *, size: int, buffer: int, batch: int, seed: int
+) -> Experiment:
+    """An experiment streaming ``shards`` (transforms as ``benchmarks.data_loader``'s), via its YAML."""
+    path = folder / f"ingest-{Path(shards).name}.yaml"
+    path.write_text(
+        EXPERIMENT.format(
+            shards=shards,
+            short=size * 3 // 4,
+            size=size,
+            max_size=size * 2,
+            buffer=buffer,
+            batch=batch,
+            seed=seed,
+        )
+    )
+    return load_experiment(path)
+
+
+class StorageOrderDatasource(ShardDatasource):
+    """The sequential baseline: shards in storage order, each one's row groups in file order."""
+
+    def get_read_tasks(
+        self, parallelism: int, per_task_row_limit: int | None = None, data_context: Any = None
+    ) -> list[ReadTask]:
+        tasks = []
+        for shard, info in enumerate(self._shards):
+            metadata = BlockMetadata(
+                num_rows=info.num_rows, size_bytes=info.num_bytes, input_files=[info.path], exec_stats=None
+            )
+            read = _InOrderRead(self._uri, self._shards, shard)
+            tasks.append(ReadTask(read, metadata, per_task_row_limit=per_task_row_limit))
+        return tasks
+
+
+class _InOrderRead:
+    """``shard_row_groups`` without its permutation (epoch 0, repetition 0)."""
+
+    def __init__(self, uri: str, shards: list[Any], shard: int) -> None:
+        self.uri, self.shards, self.shard = uri, shards, shard
+
+    def __call__(self) -> Iterator[pa.Table]:
+        store = ShardStore(self.uri, self.shards)
+        first = store.shard_start(self.shard)
+        for table in store.read_shard(self.shard):
+            rows = np.arange(first, first + len(table), dtype=np.int64)
+            first += len(table)
+            table = table.append_column("row_index", pa.array(rows))
+            yield table.append_column("epoch", pa.array(np.zeros(len(table), dtype=np.int64)))
+
+
+def storage_order_dataset(experiment: Experiment) -> ray.data.Dataset:
+    """``train_dataset``'s map over :class:`StorageOrderDatasource` (same tasks, same CPUs)."""
+    data, ingest = experiment.data, experiment.data.ingest
+    source = StorageOrderDatasource(data.train.shards, seed=experiment.train.seed, first_epoch=0, repeat=1)
+    dataset = ray.data.read_datasource(source, num_cpus=ingest.cpus_per_task)
+    dataset.context.enable_progress_bars = False
+    return dataset.map_batches(
+        prepare_rows,
+        batch_format="pyarrow",
+        batch_size=None,
+        num_cpus=ingest.cpus_per_task,
+        fn_kwargs={
+            "uri": str(data.train.shards),
+            "seed": experiment.train.seed,
+            "categories": CategoryTable.from_dict(source.manifest.categories),
+            "transforms": data.transforms,
+        },
+    )
+
+
+def sequential_experiment(experiment: Experiment) -> Experiment:
+    """``experiment`` with no local shuffle buffer."""
+    ingest = replace(experiment.data.ingest, shuffle_buffer_rows=0)
+    return replace(experiment, data=replace(experiment.data, ingest=ingest))
+
+
+class PeakRss:
+    """Samples ``measure()`` (bytes, or (largest, sum)) every ``interval`` s in a thread; keeps peaks."""
+
+    def __init__(self, measure: Callable[[], tuple[int, int]], interval: float = 0.02) -> None:
+        self.measure, self.interval = measure, interval
+        self.peak = (0, 0)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                largest, total = self.measure()
+            except psutil.Error:
+                continue
+            self.peak = (max(self.peak[0], largest), max(self.peak[1], total))
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+@ray.remote(num_cpus=1)
+class Consumer:
+    """One training worker's side of the stream (a Train worker reserves 1 CPU)."""
+
+    def ready(self) -> tuple[int, int]:
+        """Pid and RSS (bytes) once the modules are imported, before any data."""
+        return psutil.Process().pid, psutil.Process().memory_info().rss
+
+    def run(self, shard: Any, experiment: Experiment) -> dict[str, float]:
+        process = psutil.Process()
+        rows = batches = 0
+        with PeakRss(lambda: (process.memory_info().rss,) * 2) as peak:
+            start = time.perf_counter()
+            for batch, indices, _ in iter_train_batches(shard, experiment, epoch=0, rank=0, world_size=1):
+                rows += len(indices)
+                batches += 1
+                del batch
+            seconds = time.perf_counter() - start
+        return {
+            "rows": rows,
+            "batches": batches,
+            "seconds": seconds,
+            "rows_per_second": rows / seconds,
+            "consumer_peak_rss_mb": peak.peak[0] / 2**20,
+            "consumer_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10,
+        }
+
+
+def _task_processes(exclude: set[int]) -> tuple[int, int]:
+    """(largest, summed) USS of this driver's busy Ray worker processes, leaving out ``exclude`` (USS:
+    RSS counts the shared object store pages again in every process that maps them)."""
+    sizes = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if child.pid in exclude or not child.name().startswith("ray::") or "IDLE" in child.name():
+                continue
+            sizes.append(child.memory_full_info().uss)
+        except psutil.Error:
+            continue
+    return (max(sizes, default=0), sum(sizes))
+
+
+def one_pass(experiment: Experiment, *, sequential: bool) -> dict[str, float]:
+    """One epoch of ``experiment``'s train split to one fresh consumer actor; its figures."""
+    if sequential:
+        experiment = sequential_experiment(experiment)
+        dataset = storage_order_dataset(experiment)
+    else:
+        dataset = train_dataset(experiment, 0)
+    consumer = Consumer.remote()
+    pid, idle_rss = ray.get(consumer.ready.remote())
+    shard = data_config().configure({TRAIN: dataset}, world_size=1, worker_handles=None, worker_node_ids=None)
+    with PeakRss(lambda: _task_processes({pid}), interval=0.2) as tasks:
+        figures = ray.get(consumer.run.remote(shard[0][TRAIN], experiment))
+    ray.kill(consumer)
+    figures.update(
+        consumer_start_rss_mb=idle_rss / 2**20,
+        task_peak_uss_mb=tasks.peak[0] / 2**20,
+        tasks_peak_uss_sum_mb=tasks.peak[1] / 2**20,
+    )
+    return figures
+
+
+@ray.remote(num_cpus=1)
+def _warm(seconds: float) -> int:
+    """Import what the Ray Data tasks import, so the first timed pass does not pay it."""
+    import knet_platform.train.ingest  # noqa: F401
+    import torch  # noqa: F401
+
+    time.sleep(seconds)
+    return psutil.Process().pid
+
+
+def warm_workers(count: int) -> None:
+    """Start ``count`` Ray workers at once and import the ingest modules in each."""
+    ray.get([_warm.remote(1.0) for _ in range(count)])
