@@ -11,9 +11,12 @@ the consumer, as a Train worker gets its batches. Two orders:
   ``data.ingest.shuffle_buffer_rows`` local shuffle in the consumer);
 - sequential: the same map over the shards in storage order, row groups in file order, buffer 0.
 
-While a pass runs, the driver samples the RSS of the other Ray worker processes (Ray Data read/map
-tasks and the split coordinator; idle workers left out): the largest one's USS and their summed
-USS, peaks.
+The consumer samples its own RSS and USS (peaks, and the RSS peak over the first half of the rows).
+While a pass runs, the driver samples the USS of the other Ray worker processes (Ray Data read/map
+tasks and the split coordinator; idle workers left out): the largest one's and their sum, peaks.
+Per-row cost is also taken as CPU time: the consumer's own plus every other process under the driver
+(Ray's raylet, GCS, task workers), before/after the pass, over the rows; unlike wall time it hardly
+moves when other work shares the cores.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import pyarrow as pa
 import ray
 import ray.data
 from knet_platform.experiment.schema import Experiment, load_experiment
-from knet_platform.knet_adapter import CategoryTable, ShardStore
+from knet_platform.knet_adapter import CategoryTable, ShardStore, load_manifest
 from knet_platform.train.ingest import (
     TRAIN,
     ShardDatasource,
@@ -174,24 +177,53 @@ class Consumer:
         """Pid and RSS (bytes) once the modules are imported, before any data."""
         return psutil.Process().pid, psutil.Process().memory_info().rss
 
-    def run(self, shard: Any, experiment: Experiment) -> dict[str, float]:
+    def run(self, shard: Any, experiment: Experiment, expected_rows: int) -> dict[str, float]:
         process = psutil.Process()
         rows = batches = 0
-        with PeakRss(lambda: (process.memory_info().rss,) * 2) as peak:
-            start = time.perf_counter()
+        half = (0, 0)
+        with PeakRss(lambda: _rss_uss(process), interval=0.05) as peak:
+            cpu, start = _cpu_seconds(process), time.perf_counter()
             for batch, indices, _ in iter_train_batches(shard, experiment, epoch=0, rank=0, world_size=1):
                 rows += len(indices)
                 batches += 1
                 del batch
-            seconds = time.perf_counter() - start
+                if rows <= expected_rows // 2:
+                    half = peak.peak
+            seconds, cpu = time.perf_counter() - start, _cpu_seconds(process) - cpu
         return {
             "rows": rows,
             "batches": batches,
             "seconds": seconds,
             "rows_per_second": rows / seconds,
+            "consumer_cpu_seconds": cpu,
             "consumer_peak_rss_mb": peak.peak[0] / 2**20,
+            "consumer_peak_uss_mb": peak.peak[1] / 2**20,
+            "consumer_peak_rss_first_half_mb": half[0] / 2**20,
             "consumer_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10,
         }
+
+
+def _rss_uss(process: Any) -> tuple[int, int]:
+    info = process.memory_full_info()
+    return info.rss, info.uss
+
+
+def _cpu_seconds(process: Any) -> float:
+    times = process.cpu_times()
+    return times.user + times.system
+
+
+def _ray_cpu(exclude: set[int]) -> dict[int, float]:
+    """CPU seconds so far of every process under this driver (Ray's raylet, GCS and workers: the
+    Ray Data tasks, the split coordinator), by pid, leaving out ``exclude``."""
+    seconds = {}
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if child.pid not in exclude:
+                seconds[child.pid] = _cpu_seconds(child)
+        except psutil.Error:
+            continue
+    return seconds
 
 
 def _task_processes(exclude: set[int]) -> tuple[int, int]:
@@ -218,13 +250,19 @@ def one_pass(experiment: Experiment, *, sequential: bool) -> dict[str, float]:
     consumer = Consumer.remote()
     pid, idle_rss = ray.get(consumer.ready.remote())
     shard = data_config().configure({TRAIN: dataset}, world_size=1, worker_handles=None, worker_node_ids=None)
+    expected = sum(info.num_rows for info in load_manifest(experiment.data.train.shards).shards)
+    before = _ray_cpu({pid})
     with PeakRss(lambda: _task_processes({pid}), interval=0.2) as tasks:
-        figures = ray.get(consumer.run.remote(shard[0][TRAIN], experiment))
+        figures = ray.get(consumer.run.remote(shard[0][TRAIN], experiment, expected))
+    after = _ray_cpu({pid})
     ray.kill(consumer)
+    ray_cpu = sum(seconds - before.get(p, 0.0) for p, seconds in after.items())
     figures.update(
         consumer_start_rss_mb=idle_rss / 2**20,
         task_peak_uss_mb=tasks.peak[0] / 2**20,
         tasks_peak_uss_sum_mb=tasks.peak[1] / 2**20,
+        ray_cpu_seconds=ray_cpu,
+        cpu_ms_per_row=1000 * (ray_cpu + figures["consumer_cpu_seconds"]) / figures["rows"],
     )
     return figures
 
