@@ -14,11 +14,15 @@ from tests.knet_platform.tiny_run import BIN, QUICKSTART, cluster_env, tiny_over
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.mlflow]
 
+SMALL_SYNTHETIC = "data.synthetic.num_images=16"  # 12 train (3 steps of 2 x 2 workers), 4 val
+
 
 def test_two_runs_started_together_on_a_fresh_home_both_finish_and_register(tmp_path: Path) -> None:
     home = tmp_path / "home"
     env = {**cluster_env(), "KNET_HOME": str(home)}
-    overrides = [f"--set={o}" for o in tiny_overrides(tmp_path, epochs=1, workers=1, tracking=False)]
+    # 16 generated images, not 128: the fresh home generates them (once), and every epoch evaluates val
+    shrunk = [*tiny_overrides(tmp_path, epochs=1, workers=1, tracking=False), SMALL_SYNTHETIC]
+    overrides = [f"--set={o}" for o in shrunk]
     logs = [tmp_path / f"run{index}.log" for index in range(2)]
     drivers = []
     for log in logs:

@@ -30,6 +30,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.mlflow]
 
 SCRIPT = REPO / "cluster" / "local_multinode.sh"
 CLUSTER_DIR = Path(f"/tmp/knet-cluster-{os.getuid()}")  # the script's default
+# 16 generated images, not 128: the module's fresh KNET_HOME generates them, every epoch evaluates val
+SMALL_SYNTHETIC = "data.synthetic.num_images=16"
 
 
 def shell(command: str, env: dict[str, str], timeout: float = 900) -> subprocess.CompletedProcess[str]:
@@ -94,7 +96,12 @@ def test_a_job_on_two_local_nodes_puts_one_worker_on_each_and_registers_its_mode
     uri, _ = mlflow_server
     env = cluster
     sets = " ".join(
-        f"--set '{o}'" for o in [*tiny_overrides(tmp_path, workers=2, tracking=False), f"tracking.uri={uri}"]
+        f"--set '{o}'"
+        for o in [
+            *tiny_overrides(tmp_path, workers=2, tracking=False),
+            f"tracking.uri={uri}",
+            SMALL_SYNTHETIC,
+        ]
     )
     job = shell(f'eval "$({SCRIPT} env)" && {SCRIPT} submit experiments/quickstart.yaml {sets}', env)
     output = job.stdout + job.stderr
@@ -117,6 +124,7 @@ def test_a_search_submitted_as_a_job_succeeds_frees_every_placement_group_and_en
         *tiny_overrides(tmp_path, epochs=1, workers=2),
         *tune_overrides(lrs=[1e-3, 5e-4], scheduler="fifo"),
         "scaling.resources_per_worker={CPU: 0.5, trainslot: 1}",
+        SMALL_SYNTHETIC,
     ]
     sets = " ".join(f"--set '{o}'" for o in overrides)
     job = shell(f'eval "$({SCRIPT} env)" && {SCRIPT} submit experiments/quickstart.yaml {sets}', cluster, 600)
@@ -148,7 +156,7 @@ def test_a_run_that_loses_a_node_ends_in_bounded_time_and_resumes_once_one_is_ad
 ) -> None:
     # Ray Train's start-up timeout, 180 s by default in knet, shortened for the test
     env = {**cluster, "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "30"}
-    sets = " ".join(f"--set '{o}'" for o in tiny_overrides(tmp_path, epochs=4, workers=2))
+    sets = " ".join(f"--set '{o}'" for o in [*tiny_overrides(tmp_path, epochs=4, workers=2), SMALL_SYNTHETIC])
     run = (
         f'eval "$({SCRIPT} env)" && knet run experiments/quickstart.yaml '
         f"--set 'scaling.resources_per_worker={{CPU: 1, trainslot: 1}}' {sets}"
