@@ -3,7 +3,7 @@ row groups against the row-group path and the Ray Data path training uses, for s
 rows of 512x512 synthetic images; the Ray Data rate next to an R-50 train step's; its memory.
 
     python -m benchmarks.ingest [--images 40] [--rows 1024] [--size 512] [--old-sample 48]
-        [--buffer 256] [--repeats 3] [--batch 2] [--step-repeats 2] [--layouts 64 256] [--no-ray]
+        [--buffer 64] [--repeats 3] [--batch 2] [--step-repeats 2] [--layouts 64 256] [--no-ray]
         [--json figures.json]
 
 Run it under ``flock /tmp/knet-slot-b.lock`` on a shared machine: it starts a local Ray
@@ -19,7 +19,7 @@ the 8 MB default. Per layout it times, first with no decode (rows as the reader 
   reads, hashes and ``to_pydict()``s its whole shard, one shard cached. Shuffled order is timed on the
   first ``--old-sample`` indices of a seeded permutation (it is slow), sequential order on every row.
 - new, streaming: ``knet.data.shard_store.iter_rows`` over every row, sequential (``seed=None``) and
-  shuffled (seeded block order + a ``--buffer``-row shuffle buffer); median of ``--repeats`` passes.
+  shuffled (seeded block order + a ``--buffer``-row shuffle buffer, 64 as data.ingest.shuffle_buffer_rows); median of ``--repeats`` passes.
 - new, random access: ``ParquetReader.row(i)`` (one row group per access) in shuffled order, on the
   same sample as the old reader.
 
@@ -32,7 +32,7 @@ Then rows/s DELIVERED to one training worker, decode + augment + collate INCLUDE
   by ``data_config()`` and consumed with ``iter_train_batches`` (``decode_sample`` + collate) in a
   1-CPU Ray actor standing in for the Train worker; read/decode/augment run in Ray Data tasks
   (``cpus_per_task`` 1; Ray has 4 logical CPUs on however many cores the machine has). Shuffled =
-  ``train_dataset`` (seeded shard + row-group order, ``--buffer``-row local shuffle); sequential =
+  ``train_dataset`` (seeded shard, row-group and row order, ``--buffer``-row local shuffle); sequential =
   the same map over the shards in storage order with buffer 0. One epoch each on a fresh dataset
   and actor, after a warm-up pass (which is also the memory base below).
 
@@ -296,7 +296,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1024, help="rows in each layout")
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--old-sample", type=int, default=48, help="shuffled indices timed on the old reader")
-    parser.add_argument("--buffer", type=int, default=256, help="shuffle buffer rows of the new paths")
+    parser.add_argument("--buffer", type=int, default=64, help="shuffle buffer rows of the new paths")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=3, help="iter_rows passes per figure (median)")
     parser.add_argument("--batch", type=int, default=2, help="train batch size (per worker)")

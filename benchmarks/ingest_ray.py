@@ -25,27 +25,21 @@ import importlib
 import resource
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pyarrow as pa
 import ray
 import ray.data
 from knet_platform.experiment.schema import Experiment, load_experiment
-from knet_platform.knet_adapter import CategoryTable, ShardStore, load_manifest
+from knet_platform.knet_adapter import load_manifest
 from knet_platform.train.ingest import (
     TRAIN,
-    ShardDatasource,
     data_config,
     iter_train_batches,
-    prepare_rows,
     train_dataset,
 )
-from ray.data.block import BlockMetadata
-from ray.data.datasource import ReadTask
 
 # psutil is not a project dependency: Ray ships it (ray/thirdparty_files, on sys.path once ray is imported)
 psutil = importlib.import_module("psutil")
@@ -82,58 +76,6 @@ def write_experiment(
         )
     )
     return load_experiment(path)
-
-
-class StorageOrderDatasource(ShardDatasource):
-    """The sequential baseline: shards in storage order, each one's row groups in file order."""
-
-    def get_read_tasks(
-        self, parallelism: int, per_task_row_limit: int | None = None, data_context: Any = None
-    ) -> list[ReadTask]:
-        tasks = []
-        for shard, info in enumerate(self._shards):
-            metadata = BlockMetadata(
-                num_rows=info.num_rows, size_bytes=info.num_bytes, input_files=[info.path], exec_stats=None
-            )
-            read = _InOrderRead(self._uri, self._shards, shard)
-            tasks.append(ReadTask(read, metadata, per_task_row_limit=per_task_row_limit))
-        return tasks
-
-
-class _InOrderRead:
-    """``shard_row_groups`` without its permutation (epoch 0, repetition 0)."""
-
-    def __init__(self, uri: str, shards: list[Any], shard: int) -> None:
-        self.uri, self.shards, self.shard = uri, shards, shard
-
-    def __call__(self) -> Iterator[pa.Table]:
-        store = ShardStore(self.uri, self.shards)
-        first = store.shard_start(self.shard)
-        for table in store.read_shard(self.shard):
-            rows = np.arange(first, first + len(table), dtype=np.int64)
-            first += len(table)
-            table = table.append_column("row_index", pa.array(rows))
-            yield table.append_column("epoch", pa.array(np.zeros(len(table), dtype=np.int64)))
-
-
-def storage_order_dataset(experiment: Experiment) -> ray.data.Dataset:
-    """``train_dataset``'s map over :class:`StorageOrderDatasource` (same tasks, same CPUs)."""
-    data, ingest = experiment.data, experiment.data.ingest
-    source = StorageOrderDatasource(data.train.shards, seed=experiment.train.seed, first_epoch=0, repeat=1)
-    dataset = ray.data.read_datasource(source, num_cpus=ingest.cpus_per_task)
-    dataset.context.enable_progress_bars = False
-    return dataset.map_batches(
-        prepare_rows,
-        batch_format="pyarrow",
-        batch_size=None,
-        num_cpus=ingest.cpus_per_task,
-        fn_kwargs={
-            "uri": str(data.train.shards),
-            "seed": experiment.train.seed,
-            "categories": CategoryTable.from_dict(source.manifest.categories),
-            "transforms": data.transforms,
-        },
-    )
 
 
 def sequential_experiment(experiment: Experiment) -> Experiment:
@@ -244,9 +186,7 @@ def one_pass(experiment: Experiment, *, sequential: bool) -> dict[str, float]:
     """One epoch of ``experiment``'s train split to one fresh consumer actor; its figures."""
     if sequential:
         experiment = sequential_experiment(experiment)
-        dataset = storage_order_dataset(experiment)
-    else:
-        dataset = train_dataset(experiment, 0)
+    dataset = train_dataset(experiment, 0, shuffle=not sequential)
     consumer = Consumer.remote()
     pid, idle_rss = ray.get(consumer.ready.remote())
     shard = data_config().configure({TRAIN: dataset}, world_size=1, worker_handles=None, worker_node_ids=None)

@@ -84,32 +84,40 @@ def _unpack(value: Any) -> Any:
     return value
 
 
-def shard_epoch_order(num_shards: int, repeat: int, seed: int, epoch: int) -> list[tuple[int, int]]:
-    """The order an epoch reads shards in: ``(repetition, shard)`` pairs permuted by ``(seed, epoch)``;
-    the same in every process, different from epoch to epoch."""
+def shard_epoch_order(
+    num_shards: int, repeat: int, seed: int, epoch: int, *, shuffle: bool = True
+) -> list[tuple[int, int]]:
+    """The order an epoch reads shards in: ``(repetition, shard)`` pairs permuted by ``(seed, epoch)``
+    (storage order without ``shuffle``); the same in every process, different from epoch to epoch."""
     pairs = [(r, k) for r in range(repeat) for k in range(num_shards)]
+    if not shuffle:
+        return pairs
     order = np.random.default_rng([seed, epoch, 0]).permutation(len(pairs))
     return [pairs[i] for i in order]
 
 
 def shard_row_groups(
-    store: ShardStore, shard: int, *, repetition: int, seed: int, epoch: int
+    store: ShardStore, shard: int, *, repetition: int, seed: int, epoch: int, shuffle: bool = True
 ) -> Iterator[pa.Table]:
     """Shard ``shard``'s row groups from one checked read (sha256 against the manifest, a mismatch a
-    ``DataError`` naming the shard), in an order permuted by ``(seed, epoch, repetition, shard)``.
+    ``DataError`` naming the shard); with ``shuffle``, the groups and the rows within each group in
+    orders permuted by ``(seed, epoch, repetition, shard)`` (free here: the rows are in memory
+    anyway, and a consumer's shuffle buffer can then stay small).
 
     Each table gains ``row_index`` (the row's dataset index; repetition ``r`` of ``N`` rows counts
     from ``r * N``, so its augmentation differs) and ``epoch`` (whose order and augmentation it has).
     """
     groups = list(store.read_shard(shard))
-    order = np.random.default_rng([seed, epoch, 1 + repetition, shard]).permutation(len(groups))
+    rng = np.random.default_rng([seed, epoch, 1 + repetition, shard])
+    order = rng.permutation(len(groups)) if shuffle else np.arange(len(groups))
     starts = np.cumsum([0, *(len(g) for g in groups)])
     first = repetition * len(store) + store.shard_start(shard)
     for g in order:
         table = groups[g]
         rows = np.arange(first + starts[g], first + starts[g] + len(table), dtype=np.int64)
         table = table.append_column("row_index", pa.array(rows))
-        yield table.append_column("epoch", pa.array(np.full(len(table), epoch, dtype=np.int64)))
+        table = table.append_column("epoch", pa.array(np.full(len(table), epoch, dtype=np.int64)))
+        yield table.take(rng.permutation(len(table))) if shuffle else table
 
 
 def contiguous_share(num_items: int, rank: int, world_size: int) -> range:

@@ -80,7 +80,7 @@ class IngestConfig:
     """
 
     engine: IngestEngine = "auto"
-    shuffle_buffer_rows: int = 256
+    shuffle_buffer_rows: int = 64
     cpus_per_task: float = 1.0
     prefetch_batches: int = 2
 

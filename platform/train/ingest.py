@@ -57,8 +57,9 @@ _SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's 
 class ShardDatasource(Datasource):
     """The shards of one manifest as a Ray Data source; see the module docstring for the order."""
 
-    def __init__(self, uri: str, *, seed: int, first_epoch: int, repeat: int) -> None:
+    def __init__(self, uri: str, *, seed: int, first_epoch: int, repeat: int, shuffle: bool = True) -> None:
         self._uri = str(uri)
+        self._shuffle = shuffle
         self.manifest = load_manifest(self._uri)
         self._shards = self.manifest.shards
         self._seed, self._first_epoch, self._repeat = seed, first_epoch, repeat
@@ -78,12 +79,13 @@ class ShardDatasource(Datasource):
     ) -> list[ReadTask]:
         epoch = self.epoch(data_context)
         tasks = []
-        for repetition, shard in shard_epoch_order(len(self._shards), self._repeat, self._seed, epoch):
+        order = shard_epoch_order(len(self._shards), self._repeat, self._seed, epoch, shuffle=self._shuffle)
+        for repetition, shard in order:
             info = self._shards[shard]
             metadata = BlockMetadata(
                 num_rows=info.num_rows, size_bytes=info.num_bytes, input_files=[info.path], exec_stats=None
             )
-            read = _ShardRead(self._uri, self._shards, shard, repetition, self._seed, epoch)
+            read = _ShardRead(self._uri, self._shards, shard, repetition, self._seed, epoch, self._shuffle)
             tasks.append(ReadTask(read, metadata, per_task_row_limit=per_task_row_limit))
         return tasks
 
@@ -92,15 +94,20 @@ class _ShardRead:
     """One read task's function (a class, so it pickles without the datasource)."""
 
     def __init__(
-        self, uri: str, shards: list[Any], shard: int, repetition: int, seed: int, epoch: int
+        self, uri: str, shards: list[Any], shard: int, repetition: int, seed: int, epoch: int, shuffle: bool
     ) -> None:
         self.uri, self.shards, self.shard = uri, shards, shard
-        self.repetition, self.seed, self.epoch = repetition, seed, epoch
+        self.repetition, self.seed, self.epoch, self.shuffle = repetition, seed, epoch, shuffle
 
     def __call__(self) -> Iterator[pa.Table]:
         store = ShardStore(self.uri, self.shards)
         yield from shard_row_groups(
-            store, self.shard, repetition=self.repetition, seed=self.seed, epoch=self.epoch
+            store,
+            self.shard,
+            repetition=self.repetition,
+            seed=self.seed,
+            epoch=self.epoch,
+            shuffle=self.shuffle,
         )
 
 
@@ -125,12 +132,16 @@ def prepare_rows(
     )
 
 
-def train_dataset(experiment: Experiment, first_epoch: int) -> ray.data.Dataset:
+def train_dataset(experiment: Experiment, first_epoch: int, *, shuffle: bool = True) -> ray.data.Dataset:
     """The experiment's Parquet train split as a Ray Data dataset of prepared samples, its order
-    starting at ``first_epoch``'s."""
+    starting at ``first_epoch``'s (``shuffle=False``: storage order, for benchmarks)."""
     data, ingest = experiment.data, experiment.data.ingest
     source = ShardDatasource(
-        data.train.shards, seed=experiment.train.seed, first_epoch=first_epoch, repeat=data.repeat
+        data.train.shards,
+        seed=experiment.train.seed,
+        first_epoch=first_epoch,
+        repeat=data.repeat,
+        shuffle=shuffle,
     )
     categories = CategoryTable.from_dict(source.manifest.categories)
     dataset = ray.data.read_datasource(source, num_cpus=ingest.cpus_per_task)
@@ -152,10 +163,12 @@ def train_dataset(experiment: Experiment, first_epoch: int) -> ray.data.Dataset:
 def data_config(names: tuple[str, ...] = (TRAIN,)) -> DataConfig:
     """Split the datasets ``names`` (the train set) deterministically: the stream's order kept, no
     locality hints (a block's node would decide which worker gets it)."""
+    from ray.data import DataContext, ExecutionOptions
     from ray.train import DataConfig
 
-    options = DataConfig.default_ingest_options()
-    options.preserve_order = True
+    # not DataConfig.default_ingest_options(): it passes exclude_resources, deprecated in Ray 2.60
+    limits = DataContext.get_current().execution_options.resource_limits
+    options = ExecutionOptions(resource_limits=limits, preserve_order=True)
     return DataConfig(datasets_to_split=list(names), execution_options=options, enable_shard_locality=False)
 
 
