@@ -95,7 +95,8 @@ def _interrupt_on_sigterm() -> Any:
 
     ``ray job stop`` sends SIGTERM to a job's entrypoint, then SIGKILL 3 s later; Python's default would
     die at once, leaving the run (and a search's trial runs) RUNNING in MLflow. As ``KeyboardInterrupt``
-    it ends them KILLED on its way out."""
+    it ends them KILLED on its way out. Once connected, Ray's own handler replaces this one and exits
+    (``SystemExit``), which the run's context managers treat the same way."""
     if threading.current_thread() is not threading.main_thread():  # handlers: main thread only
         return None
     return signal.signal(signal.SIGTERM, _raise_interrupt)

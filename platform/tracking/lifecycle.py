@@ -2,7 +2,7 @@
 
 :func:`tracked_run` opens the run (new, or re-opened for ``--resume`` from the experiment's resume
 record), logs the experiment, and ends the run with the status the block earned: FINISHED, FAILED on an
-error, KILLED on Ctrl-C. :func:`register_checkpoint` turns a training checkpoint into a registered
+error, KILLED on Ctrl-C or a stop (``ray job stop``). :func:`register_checkpoint` turns a training checkpoint into a registered
 model version: a checkpoint carries its model bundle (weights, model config, categories), so this
 needs neither the dataset nor the optimizer state.
 """
@@ -75,7 +75,7 @@ def tracked_run(
     try:
         log_experiment(target.tracking_uri, run.run_id, experiment)
         yield run
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C; `ray job stop` (Ray's driver: SIGTERM -> exit)
         end_run(target.tracking_uri, run.run_id, "KILLED")
         raise
     except BaseException:

@@ -505,3 +505,17 @@ def test_a_working_dir_deleted_under_a_run_stops_registration_naming_the_path_an
     message = str(raised.value)
     assert str(gone) in message and "`knet run --resume`" in message
     assert "\n" not in message  # the CLI prints it whole as one error line
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt(), SystemExit(15)], ids=["ctrl-c", "ray-job-stop"])
+def test_a_run_interrupted_or_stopped_ends_killed_in_mlflow_not_running(tmp_path, stop):
+    # `ray job stop` sends SIGTERM; inside a connected driver Ray's handler turns it into SystemExit
+    from knet_platform.tracking.lifecycle import tracked_run
+    from knet_platform.tracking.runs import resolve_tracking
+    from mlflow.tracking import MlflowClient
+
+    experiment = load_experiment(str(QUICKSTART), tiny_overrides(tmp_path))
+    target = resolve_tracking(experiment)
+    with pytest.raises(type(stop)), tracked_run(experiment, target, "run") as run:
+        raise stop
+    assert MlflowClient(tracking_uri=target.tracking_uri).get_run(run.run_id).info.status == "KILLED"
