@@ -113,7 +113,7 @@ def cluster_api_server(address: str) -> str | None:
     """The dashboard URL (it serves the State API) that the cluster at ``address`` records in its GCS;
     None for a Ray Client address (``ray://``), a cluster without a dashboard, or one not reachable
     (``ray.init`` then says why)."""
-    if address.startswith("ray://"):
+    if address.startswith("ray://") or not _reachable(address):
         return None
     from ray._private.ray_constants import DASHBOARD_ADDRESS, KV_NAMESPACE_DASHBOARD
     from ray._private.services import canonicalize_bootstrap_address_or_die
@@ -126,6 +126,19 @@ def cluster_api_server(address: str) -> str | None:
         print(f"note: could not read the cluster's dashboard address from {address}: {problem}", flush=True)
         return None
     return f"http://{url.decode()}" if url else None
+
+
+def _reachable(address: str, timeout: float = 3.0) -> bool:
+    """Whether ``host:port`` accepts a TCP connection: a mistyped or dead ``RAY_ADDRESS`` is then left
+    to ``ray.init``'s own error at once (the GCS client waited about 35 s before giving up)."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        return True  # "auto" or a form only Ray understands: let it resolve the address
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def _start_local_ray(num_cpus: int | None, object_store_memory: int, include_dashboard: bool) -> None:

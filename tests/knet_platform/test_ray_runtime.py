@@ -4,6 +4,8 @@ autoscaler), and a local Ray that its own workers talk to even beside another Ra
 from __future__ import annotations
 
 import os
+import socket
+import time
 
 import pytest
 import ray
@@ -91,3 +93,16 @@ def test_workers_query_their_own_cluster_when_another_ray_runs_on_the_machine(ra
     finally:
         stop_ray(runtime)
     assert API_SERVER_ENV not in os.environ
+
+
+def test_a_dead_ray_address_is_not_waited_for_when_looking_up_its_dashboard() -> None:
+    """A mistyped or dead RAY_ADDRESS: ``ray.init`` says so itself; the lookup before it must not add
+    the GCS client's ~35 s wait."""
+    from knet_platform.ray_runtime import cluster_api_server
+
+    with socket.socket() as closed:  # a port nobody listens on
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    started = time.perf_counter()
+    assert cluster_api_server(f"127.0.0.1:{port}") is None
+    assert time.perf_counter() - started < 5
