@@ -37,6 +37,13 @@ if TYPE_CHECKING:
 
 WORKER_GROUP_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 DEFAULT_WORKER_GROUP_START_TIMEOUT_S = "180"  # Ray's own default (60 s) is tight on a busy 2-core machine
+# How often Train's controller polls its workers (Ray's default 2 s). The controller learns that
+# training ended only at its next poll: a run waited 1 s on average (up to 2) after its last epoch
+# before its result reached the driver; a poll is one small actor call per worker. The driver's value
+# reaches the controller (Train propagates it); a hung worker is still judged by
+# RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S, not by this interval.
+HEALTH_CHECK_INTERVAL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+DEFAULT_HEALTH_CHECK_INTERVAL_S = "0.5"
 DEFAULT_OBJECT_STORE_BYTES = 200_000_000
 # Ray's State API clients (Train's placement-group cleaner among them) find "the" local cluster by
 # scanning processes and give up when two run on one machine; this variable names ours for them.
@@ -82,6 +89,7 @@ def start_ray(
     """
     global _local_ray_started
     os.environ.setdefault(WORKER_GROUP_START_TIMEOUT_ENV, DEFAULT_WORKER_GROUP_START_TIMEOUT_S)
+    os.environ.setdefault(HEALTH_CHECK_INTERVAL_ENV, DEFAULT_HEALTH_CHECK_INTERVAL_S)
     if ray.is_initialized():
         return RayRuntime(address=None, started_here=False, local=_local_ray_started)
     address = os.environ.get("RAY_ADDRESS")
