@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 import os
 import re
+import sys
+import threading
 import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -140,6 +142,34 @@ def _log_version(
                 pip_requirements=pinned_requirements(),
             )
         return mlflow.register_model(info.model_uri, registered_model)
+
+
+def prepare_registration() -> threading.Thread:
+    """Do, in a background thread at the lowest CPU priority, the one slow part of the first
+    ``log_model`` of a process, so registration after training does not wait for it.
+
+    ``mlflow.pyfunc.log_model`` checks the pinned requirements against the installed packages, and its
+    first check maps every installed file to its package (``importlib_metadata.packages_distributions``:
+    1.4 s on a 2-core machine, 70% of a registration); MLflow keeps the map for the process. A driver
+    waits idle while its workers train: this makes the same check then (its result is the same: the pins
+    are the installed versions), with ``mlflow.pyfunc`` imported. Lowest priority (Linux sets it per
+    thread), so workers sharing the machine keep their CPU. Registration does not depend on it: if it has
+    not finished, or this MLflow has no such check, ``log_model`` does the work itself.
+    """
+
+    def warm_up() -> None:
+        if sys.platform == "linux":  # elsewhere setpriority would lower the whole process
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        import mlflow.pyfunc  # noqa: F401  (log_model's module)
+        from mlflow.utils import requirements_utils
+
+        check = getattr(requirements_utils, "warn_dependency_requirement_mismatches", None)
+        if check is not None:
+            check(pinned_requirements())
+
+    thread = threading.Thread(target=warm_up, name="knet-prepare-registration", daemon=True)
+    thread.start()
+    return thread
 
 
 def download_model(model_uri: str, tracking_uri: str, dst: str | Path) -> Path:

@@ -21,7 +21,7 @@ from knet_platform.experiment.schema import Experiment
 from knet_platform.ray_runtime import check_capacity, start_ray, stop_ray
 from knet_platform.redaction import redact_text
 from knet_platform.tracking.lifecycle import TrackedRun, register_checkpoint, tracked_run
-from knet_platform.tracking.registry import RegisteredModel, pinned_requirements
+from knet_platform.tracking.registry import RegisteredModel, pinned_requirements, prepare_registration
 from knet_platform.tracking.resume_record import select_record
 from knet_platform.tracking.runs import (
     RunLogger,
@@ -142,10 +142,12 @@ def _fit_and_register(experiment: Experiment, run: TrackedRun, from_checkpoint: 
                 init_weights_from=init_weights,
             )
 
+        prepared = prepare_registration()  # while the workers train, the driver is idle
         try:
             result = fit_with_restarts(make_trainer)
         except (TrainingFailedError, OutOfMemoryError) as error:  # bad data, bad loss, memory kill...
             raise RunFailedError(_failure_message(error)) from error
+        prepared.join()
     metric, mode = experiment.train.metric, experiment.train.mode
     checkpoint, metrics = _best(result.best_checkpoints or [], metric, mode)
     value = float(metrics[metric])

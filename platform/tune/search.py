@@ -28,7 +28,7 @@ from knet_platform.experiment.schema import Experiment
 from knet_platform.ray_runtime import start_ray, stop_ray
 from knet_platform.redaction import redact, redact_text
 from knet_platform.tracking.lifecycle import TrackedRun, register_checkpoint, tracked_run
-from knet_platform.tracking.registry import RegisteredModel
+from knet_platform.tracking.registry import RegisteredModel, prepare_registration
 from knet_platform.tracking.resume_record import NothingToResumeError, select_record
 from knet_platform.tracking.runs import (
     TrackingTarget,
@@ -214,10 +214,12 @@ def _search(
         budget.driver,
     )
     tuner = _tuner(experiment, trainable, masked, budget, run.name, target, run.run_id, resume)
+    prepared = prepare_registration()  # while the trials train, the driver is idle
     try:
         grid = tuner.fit()
     finally:
         _end_open_trials(target, run.run_id)
+    prepared.join()
     results_path = f"{target.storage_path.rstrip('/')}/{run.name}"
     return _summarise(experiment, grid, masked, target, run.run_id, results_path)
 
