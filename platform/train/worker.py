@@ -39,7 +39,6 @@ from knet_platform.knet_adapter import (
     transfer_from_bundle,
     write_bundle,
 )
-from knet_platform.tracking.runs import RunLogger, system_info
 from knet_platform.train.checkpoints import (
     CheckpointScore,
     RngState,
@@ -58,6 +57,7 @@ from torch.utils.data import DataLoader, Subset
 
 if TYPE_CHECKING:
     from knet_platform.knet_adapter import Batch
+    from knet_platform.tracking.runs import RunLogger
     from ray.data import DataIterator
 
 NUM_OVERLAYS = 3  # fixed val images (the first ones) drawn into MLflow at every evaluated epoch
@@ -173,6 +173,9 @@ def _set_up(loop: LoopConfig) -> WorkerRun:
     restored = _restore(run)
     run.model = _distribute(model, world_size, device)
     if loop.mlflow is not None and rank == 0:
+        # imported here: MLflow costs a worker ~0.9 s of CPU at start, and only rank 0 logs
+        from knet_platform.tracking.runs import RunLogger, system_info
+
         run.logger = RunLogger(**loop.mlflow)
         # this worker's hardware, not the driver's (a CPU head on a GPU cluster); once per run
         run.logger.log_system_info_once(system_info(device=str(device), world_size=world_size))
