@@ -8,12 +8,15 @@ twice, as cluster/README.md section 2a does, on an already running cluster. Prin
    env), driver start (imports, checks before Ray), Ray connect, MLflow run, worker group (Train
    controller, worker processes), data + model until the first step, registration (after the last
    epoch), job end. Times come from Ray's timestamped log lines, other log lines stamped on arrival
-   (the job's log stream lags by a second or so) and MLflow's records (run start and end, the first
-   step's loss, the last epoch's metrics).
+   and MLflow's records (run start and end, the first step's loss, the last epoch's metrics). The job's
+   log stream lags by 1 to 4 s (Ray's log tail sleeps 1 s at every end of file), so the entrypoint's
+   line, stamped on arrival, moves up to 4 s from driver start into job set-up; their sum holds.
 
 The cluster gets its own temp dir and ports (it can run beside the test suite's) and is stopped at the
-end. Run by hand (about 3 minutes on 2 cores):
-    python benchmarks/multinode.py [--steps-per-epoch 6] [--epochs 3]
+end. The load average before and after is printed: other work on the machine shifts every phase. Run by
+hand (about 3 minutes on 2 cores):
+    python benchmarks/multinode.py [--steps-per-epoch 6] [--epochs 3] [--log-dir DIR]
+--log-dir keeps each job's log, every line prefixed with its arrival in seconds since ``ray job submit``.
 """
 
 from __future__ import annotations
@@ -98,7 +101,15 @@ def overrides(workdir: Path, *, epochs: int, steps: int, resources: str) -> list
     ]
 
 
-def submit(env: dict[str, str], workdir: Path, *, epochs: int, steps: int, resources: str) -> Job:
+def submit(
+    env: dict[str, str],
+    workdir: Path,
+    *,
+    epochs: int,
+    steps: int,
+    resources: str,
+    log_file: Path | None = None,
+) -> Job:
     """``local_multinode.sh submit`` of the tiny experiment; its log lines stamped as they stream."""
     workdir.mkdir(parents=True)
     sets = " ".join(
@@ -113,13 +124,15 @@ def submit(env: dict[str, str], workdir: Path, *, epochs: int, steps: int, resou
     marks: dict[str, float] = {}
     log: list[str] = []
     for text in process.stdout:
-        log.append(text)
+        log.append(f"{time.time() - started:7.2f} {text}")
         for name, pattern in MARKS.items():
             if name not in marks and pattern.search(text):
                 marks[name] = stamp(text) - started
     if process.wait() != 0:
         raise RuntimeError("the job failed:\n" + "".join(log[-60:]))
     wall = time.time() - started
+    if log_file is not None:
+        log_file.write_text("".join(log))
     recorded, rate = mlflow_figures(workdir, epochs)
     marks.update({name: at - started for name, at in recorded.items()})
     nodes = {actor["node_id"] for actor in train_workers(env) if actor["actor_id"] not in before}
@@ -177,8 +190,9 @@ def phases(job: Job) -> list[tuple[str, float]]:
     ]
 
 
-def report(pack: Job, spread: Job, cluster_start: float) -> None:
+def report(pack: Job, spread: Job, cluster_start: float, loads: tuple[float, float]) -> None:
     print(f"\ntiny quickstart, batch {BATCH}, 2 workers; cluster start (once): {cluster_start:.1f} s")
+    print(f"load average (1 min) before {loads[0]:.1f}, after {loads[1]:.1f}")
     for name, job in (("1 node x 2 workers ", pack), ("2 nodes x 1 worker ", spread)):
         images = job.workers * job.steps_per_s * BATCH
         print(
@@ -201,7 +215,13 @@ def main() -> None:
     )
     parser.add_argument("--steps-per-epoch", type=int, default=6)
     parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument(
+        "--log-dir", type=Path, help="write each job's log here, every line with its seconds since submit"
+    )
     args = parser.parse_args()
+    if args.log_dir:
+        args.log_dir.mkdir(parents=True, exist_ok=True)
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="knet-multinode-") as scratch:
         workdir = Path(scratch)
         env = shell_env(Path(f"/tmp/knet-bench-{os.getuid()}"))
@@ -210,11 +230,18 @@ def main() -> None:
         cluster_start = time.time() - started
         try:
             kwargs = {"epochs": args.epochs, "steps": args.steps_per_epoch}
-            pack = submit(env, workdir / "pack", resources="{CPU: 0.5, trainslot: 0.5}", **kwargs)
-            spread = submit(env, workdir / "spread", resources="{CPU: 1, trainslot: 1}", **kwargs)
+            logs = {
+                name: args.log_dir / f"{name}.log" if args.log_dir else None for name in ("pack", "spread")
+            }
+            pack = submit(
+                env, workdir / "pack", resources="{CPU: 0.5, trainslot: 0.5}", log_file=logs["pack"], **kwargs
+            )
+            spread = submit(
+                env, workdir / "spread", resources="{CPU: 1, trainslot: 1}", log_file=logs["spread"], **kwargs
+            )
         finally:
             subprocess.run([str(SCRIPT), "stop"], env=env, check=True, capture_output=True)
-    report(pack, spread, cluster_start)
+    report(pack, spread, cluster_start, (load_before, os.getloadavg()[0]))
 
 
 if __name__ == "__main__":
