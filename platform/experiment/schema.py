@@ -1,5 +1,6 @@
 """The experiment YAML as validating dataclasses: one file describes data, model, training, scaling,
-tracking and (optionally) a Tune search.
+tracking and (optionally) a Tune search. The sections are in ``sections.py`` and ``model_section.py``;
+this module builds the whole experiment and checks what needs several sections at once.
 
 Everything is checked here, before Ray, MLflow or torch do anything expensive: unknown keys (with a
 did-you-mean and the dotted path), wrong types, missing local data paths, impossible combinations.
@@ -9,9 +10,7 @@ Every problem raises one ``ExperimentError`` naming the key and the fix.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import re
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -19,361 +18,30 @@ from typing import TYPE_CHECKING, Any, Literal
 import yaml
 from knet_platform.experiment.building import ExperimentError, build, plain_fields, require
 from knet_platform.experiment.home import local_path
+from knet_platform.experiment.model_section import INIT_FROM, ModelSection
 from knet_platform.experiment.overrides import (
     apply_overrides,
     parse_override,
     yaml_error_cause,
     yaml_error_location,
 )
-from knet_platform.experiment.yaml_loader import load_yaml
-from knet_platform.knet_adapter import (
-    ConfigFieldError,
-    DataSource,
-    KNetConfig,
-    TransformConfig,
-    model_config_for_task,
-    model_keys,
-    with_class_counts,
+from knet_platform.experiment.sections import (
+    DataConfig,
+    ScalingConfig,
+    TrackingConfig,
+    TrainConfig,
+    TuneConfig,
 )
+from knet_platform.experiment.yaml_loader import load_yaml
+from knet_platform.knet_adapter import KNetConfig, model_keys
 from knet_platform.redaction import MASK, is_secret_key, redact_text
 
 if TYPE_CHECKING:
     from knet_platform.knet_adapter import CategoryTable
 
 Task = Literal["panoptic", "instance", "semantic"]
-Mode = Literal["max", "min"]
 SYNTHETIC_PLACEHOLDER = "{synthetic}"  # in data paths: replaced by data.synthetic.cache_dir
 _PATH_FIELDS = ("images", "annotations", "masks", "shards")
-
-
-@dataclass
-class SyntheticConfig:
-    """Generated shapes dataset (``knet.data.synthesize``), written once into ``cache_dir``."""
-
-    num_images: int = 64
-    seed: int = 0
-    image_size: list[int] = field(default_factory=lambda: [128, 128])
-    cache_dir: str = ".knet/data/synthetic"
-
-    def __post_init__(self) -> None:
-        require(self.num_images >= 2, "data.synthetic.num_images", "must be >= 2 (train and val)")
-        require(
-            len(self.image_size) == 2 and min(self.image_size) >= 32,
-            "data.synthetic.image_size",
-            "must be [H, W] with both >= 32",
-        )
-
-
-IngestEngine = Literal["auto", "ray_data", "dataloader"]
-
-
-@dataclass
-class IngestConfig:
-    """How train samples reach the workers (docs/data-ingest.md).
-
-    engine: ``ray_data`` streams a ``parquet`` train split through Ray Data (read, decode and augment
-    in Ray tasks, each row once per epoch across the workers); ``dataloader`` reads it in each worker
-    with a PyTorch DataLoader; ``auto`` picks ``ray_data`` for Parquet and ``dataloader`` otherwise.
-    shuffle_buffer_rows: rows each worker shuffles locally after the seeded shard order (0: none).
-    cpus_per_task: CPUs a Ray Data read/decode task reserves. prefetch_batches: batches each worker
-    keeps ready ahead of the step.
-    """
-
-    engine: IngestEngine = "auto"
-    shuffle_buffer_rows: int = 64
-    cpus_per_task: float = 1.0
-    prefetch_batches: int = 2
-
-    def __post_init__(self) -> None:
-        require(
-            self.shuffle_buffer_rows >= 0,
-            "data.ingest.shuffle_buffer_rows",
-            "must be >= 0 (0: no local shuffle)",
-        )
-        require(self.cpus_per_task > 0, "data.ingest.cpus_per_task", "must be > 0 (e.g. 1 or 0.5)")
-        require(self.prefetch_batches >= 0, "data.ingest.prefetch_batches", "must be >= 0")
-
-
-@dataclass
-class DataConfig:
-    train: DataSource | None = None
-    val: DataSource | None = None
-    transforms: TransformConfig = field(default_factory=TransformConfig)
-    synthetic: SyntheticConfig | None = None
-    num_workers: int = 2  # DataLoader workers per Ray worker
-    repeat: int = 1  # the train split is seen this many times per epoch (a tiny dataset: more steps)
-    ingest: IngestConfig = field(default_factory=IngestConfig)
-
-    def __post_init__(self) -> None:
-        require(self.num_workers >= 0, "data.num_workers", "must be >= 0 (0 loads in the worker)")
-        require(self.repeat >= 1, "data.repeat", "must be >= 1 (1 = each train image once per epoch)")
-        if self.ingest.engine == "ray_data" and self.train is not None:
-            require(
-                self.train.format == "parquet",
-                "data.ingest.engine",
-                f"is ray_data, which streams Parquet shards, but data.train.format is {self.train.format!r}: "
-                "pack the split with `knet data pack` or use engine: auto",
-            )
-
-    @property
-    def streams_train(self) -> bool:
-        """The train split goes through Ray Data (see :class:`IngestConfig`)."""
-        if self.train is None or self.ingest.engine == "dataloader":
-            return False
-        return self.train.format == "parquet"
-
-
-@dataclass
-class TrainConfig:
-    """Optimisation schedule. ``batch_size`` is per Ray worker; ``lr_steps`` are epochs."""
-
-    epochs: int = 12
-    batch_size: int = 2
-    lr: float = 1e-4
-    weight_decay: float = 0.05
-    backbone_lr_mult: float = 0.25
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    warmup_iters: int = 1000
-    warmup_ratio: float = 1e-3
-    lr_steps: list[int] = field(default_factory=lambda: [8, 11])
-    lr_gamma: float = 0.1
-    grad_clip: float | None = 1.0
-    amp: bool = True  # CUDA only; the trainer ignores it on CPU with a logged note
-    eval_interval: int = 1
-    checkpoint_interval: int = 1
-    keep_checkpoints: int = 2
-    seed: int = 0
-    max_steps_per_epoch: int | None = None
-    log_every: int = 10
-    metric: str = "val/pq"
-    mode: Mode = "max"
-
-    def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "eval_interval", "checkpoint_interval", "keep_checkpoints"):
-            require(getattr(self, name) >= 1, f"train.{name}", "must be >= 1")
-        require(self.lr > 0, "train.lr", "must be > 0")
-        require(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
-        require(self.backbone_lr_mult >= 0, "train.backbone_lr_mult", "must be >= 0")
-        require(
-            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
-            "train.betas",
-            "must be two numbers in [0, 1)",
-        )
-        require(self.warmup_iters >= 0, "train.warmup_iters", "must be >= 0")
-        require(0 < self.warmup_ratio <= 1, "train.warmup_ratio", "must be in (0, 1]")
-        require(
-            list(self.lr_steps) == sorted(self.lr_steps) and all(s >= 1 for s in self.lr_steps),
-            "train.lr_steps",
-            "must be increasing epochs >= 1",
-        )
-        require(0 < self.lr_gamma <= 1, "train.lr_gamma", "must be in (0, 1]")
-        require(self.grad_clip is None or self.grad_clip > 0, "train.grad_clip", "must be > 0 or null")
-        require(
-            self.max_steps_per_epoch is None or self.max_steps_per_epoch >= 1,
-            "train.max_steps_per_epoch",
-            "must be >= 1 or null (whole epoch)",
-        )
-        require(self.log_every >= 0, "train.log_every", "must be >= 0 (0 = per epoch only)")
-        require(
-            re.fullmatch(r"(train|val)/\w+", self.metric) is not None,
-            "train.metric",
-            f"must look like 'val/pq' or 'train/loss', got {self.metric!r}",
-        )
-
-
-@dataclass
-class ScalingConfig:
-    """Ray Train's ``ScalingConfig``, checked here for the combinations Ray would refuse only after
-    the cluster and the MLflow run exist.
-
-    wait_for_resources: when the connected cluster cannot place every worker now, wait for its
-    autoscaler to add nodes instead of refusing the run (a local Ray started by ``knet`` never grows,
-    so there the run is refused either way).
-    """
-
-    num_workers: int = 2
-    use_gpu: bool = False
-    resources_per_worker: dict[str, float] = field(default_factory=lambda: {"CPU": 1.0})
-    wait_for_resources: bool = False
-
-    def __post_init__(self) -> None:
-        require(self.num_workers >= 1, "scaling.num_workers", "must be >= 1")
-        require(
-            all(v >= 0 for v in self.resources_per_worker.values()),
-            "scaling.resources_per_worker",
-            "amounts must be >= 0",
-        )
-        gpus = self.resources_per_worker.get("GPU")
-        require(
-            self.use_gpu or not gpus,
-            "scaling.resources_per_worker",
-            f"asks for GPU: {gpus} per worker but scaling.use_gpu is false; set scaling.use_gpu=true "
-            "to train on GPUs, or remove GPU from resources_per_worker",
-        )
-        require(
-            not self.use_gpu or gpus is None or gpus > 0,
-            "scaling.resources_per_worker",
-            "GPU: 0 but scaling.use_gpu is true; give each worker a GPU (GPU: 1, the default with "
-            "use_gpu) or set scaling.use_gpu=false",
-        )
-        require(
-            self.use_gpu or any(v > 0 for v in self.resources_per_worker.values()),
-            "scaling.resources_per_worker",
-            f"{self.resources_per_worker} reserves nothing per worker, which Ray refuses; give each "
-            "worker something, e.g. {CPU: 1}",
-        )
-
-
-@dataclass
-class TrackingConfig:
-    """MLflow and Ray storage. ``None`` paths default under ``$KNET_HOME`` (default ``<cwd>/.knet``;
-    resolved by ``knet_platform.tracking.runs.resolve_tracking``)."""
-
-    uri: str | None = None
-    artifact_location: str | None = None
-    experiment_name: str | None = None
-    registered_model: str | None = None
-    alias: str = "champion"
-    log_checkpoints: Literal["best", "all", "none"] = "best"
-    storage_path: str | None = None
-
-    def __post_init__(self) -> None:
-        require(bool(self.alias), "tracking.alias", "must be a non-empty string")
-
-
-@dataclass
-class SearchSpec:
-    """One search dimension; YAML form ``{choice: [...]}`` / ``{loguniform: [1e-5, 1e-3]}``."""
-
-    YAML_FORM: typing.ClassVar[str] = "one operator, e.g. {choice: [50, 100]}"
-
-    op: Literal["choice", "grid", "uniform", "loguniform", "randint", "qrandint"]
-    args: list[Any]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {self.op: list(self.args)}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> SearchSpec:
-        ops = typing.get_args(typing.get_type_hints(cls)["op"])
-        if len(data) != 1:
-            raise ValueError(f"write {cls.YAML_FORM}; operators: {', '.join(ops)}")
-        ((op, args),) = data.items()
-        if op not in ops:
-            close = difflib.get_close_matches(str(op), ops, n=1)
-            hint = f"did you mean '{close[0]}'?" if close else f"use one of {', '.join(ops)}"
-            raise ValueError(f"unknown operator '{op}': {hint}")
-        if not isinstance(args, list) or not args:
-            raise ValueError(f"{op} takes a non-empty list, got {args!r}")
-        return cls(op=op, args=list(args))
-
-
-@dataclass
-class SchedulerConfig:
-    type: Literal["asha", "fifo"] = "asha"
-    grace_period: int = 1
-    reduction_factor: int = 2
-    max_epochs: int | None = None  # None -> train.epochs
-
-
-@dataclass
-class TuneConfig:
-    """The ``tune`` section's fields and defaults; what their values must be (with each other and with
-    the rest of the experiment) is checked before a search runs, by ``validate_search`` in
-    ``knet_platform.tune.validation``."""
-
-    space: dict[str, SearchSpec] = field(default_factory=dict)
-    num_samples: int = 1
-    metric: str | None = None  # None -> train.metric
-    mode: Mode | None = None  # None -> train.mode
-    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    search_alg: Literal["random", "grid", "optuna"] = "random"
-    max_concurrent_trials: int | None = None
-    trial_driver_cpus: float = 0.25  # CPU reserved per trial for its Train driver (platform-notes)
-
-
-@dataclass
-class ModelSection:
-    """The ``model`` section: the keys the YAML writes (over the task's paper preset) and the
-    ``KNetConfig`` they build, made once when the experiment is built (:meth:`Experiment.from_dict`).
-    Its class counts are placeholders until :meth:`for_categories` fills in the dataset's."""
-
-    YAML_FORM: typing.ClassVar[str] = "model keys over the task's preset, e.g. {num_proposals: 100}"
-
-    written: dict[str, Any] = field(default_factory=dict)
-    config: KNetConfig | None = field(default=None, compare=False, repr=False)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ModelSection:
-        return cls(written=dict(data))
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.written)
-
-    @property
-    def init_from(self) -> str | None:
-        """``model.init_from``: the model whose weights start this run (a ``models:/`` or ``runs:/`` URI,
-        a bundle or checkpoint folder); its class-specific layers start afresh when its classes differ."""
-        return self.written.get(INIT_FROM)
-
-    def with_init_from(self, source: str) -> ModelSection:
-        """This section with ``init_from`` replaced (the driver ships the downloaded local folder)."""
-        return ModelSection(written={**self.written, INIT_FROM: source}, config=self.config)
-
-    def bind(self, task: str) -> KNetConfig:
-        """Build (once) and return the section's config for ``task``; errors name the model key."""
-        if self.config is None or self.config.task != task:
-            section = dict(self.written)
-            _check_init_from(section.pop(INIT_FROM, None))
-            _check_model_key_names(section)
-            if section.pop("task", task) != task:
-                raise ExperimentError(
-                    f"model.task={self.written['task']!r} differs from task={task!r}: remove model.task"
-                )
-            try:
-                self.config = model_config_for_task(task, section)
-            except ConfigFieldError as error:
-                raise ExperimentError(f"model.{error.key}: {error.problem}") from None
-            except (ValueError, TypeError) as error:
-                raise ExperimentError(f"model: {error}") from None
-        return self.config
-
-    def for_categories(self, categories: CategoryTable) -> KNetConfig:
-        """The model config with the dataset's class counts (a count the YAML gives must match)."""
-        found = {
-            "num_thing_classes": categories.num_thing_classes,
-            "num_stuff_classes": categories.num_stuff_classes,
-        }
-        for key, count in found.items():
-            written = self.written.get(key)
-            if written is not None and written != count:
-                raise ExperimentError(
-                    f"model.{key}={written} but the dataset has {count}: remove model.{key} "
-                    "(class counts come from the dataset's categories)"
-                )
-        assert self.config is not None, "ModelSection.bind runs when the experiment is built"
-        return with_class_counts(self.config, categories)
-
-
-INIT_FROM = "init_from"  # the one model key that is not a KNetConfig field
-
-
-def _check_init_from(value: Any) -> None:
-    require(
-        value is None or (isinstance(value, str) and value.strip() != ""),
-        f"model.{INIT_FROM}",
-        f"must be a model URI (models:/NAME@ALIAS, runs:/...) or a folder, got {value!r}",
-    )
-
-
-def _check_model_key_names(section: dict[str, Any]) -> None:
-    """An unknown top-level model key, with a did-you-mean over the config fields and ``init_from``."""
-    known = [f.name for f in dataclasses.fields(KNetConfig)] + [INIT_FROM]
-    for key in section:
-        if key not in known:
-            close = difflib.get_close_matches(str(key), known, n=1)
-            hint = f"did you mean 'model.{close[0]}'?" if close else f"known keys: {', '.join(known)}"
-            raise ExperimentError(f"model.{key}: is unknown; {hint}")
 
 
 @dataclass

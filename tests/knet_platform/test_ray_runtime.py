@@ -9,7 +9,7 @@ import time
 
 import pytest
 import ray
-from knet_platform.experiment.schema import ScalingConfig
+from knet_platform.experiment.sections import ScalingConfig
 from knet_platform.ray_runtime import (
     CapacityError,
     RayRuntime,
