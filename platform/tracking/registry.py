@@ -153,8 +153,9 @@ def prepare_registration() -> threading.Thread:
     1.4 s on a 2-core machine, 70% of a registration); MLflow keeps the map for the process. A driver
     waits idle while its workers train: this makes the same check then (its result is the same: the pins
     are the installed versions), with ``mlflow.pyfunc`` imported. Lowest priority (Linux sets it per
-    thread), so workers sharing the machine keep their CPU. Registration does not depend on it: if it has
-    not finished, or this MLflow has no such check, ``log_model`` does the work itself.
+    thread), so workers sharing the machine keep their CPU. Callers join the thread before registering.
+    Registration does not depend on it: with an MLflow that has no such check, or after a failed warm-up
+    (its traceback printed by the thread), ``log_model`` does its own work as before.
     """
 
     def warm_up() -> None:
