@@ -14,16 +14,19 @@ import pytest
 from knet_platform.tracking.registry import pinned_requirements, prepare_registration
 
 
+@pytest.mark.ray
 def test_the_controller_polls_every_half_second_unless_the_user_chose_an_interval(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(ray_runtime.ray, "is_initialized", lambda: True)  # no Ray started here
     monkeypatch.delenv(ray_runtime.HEALTH_CHECK_INTERVAL_ENV, raising=False)
-    ray_runtime.start_ray()
-    assert os.environ[ray_runtime.HEALTH_CHECK_INTERVAL_ENV] == "0.5"
-    monkeypatch.setenv(ray_runtime.HEALTH_CHECK_INTERVAL_ENV, "3")
-    ray_runtime.start_ray()
-    assert os.environ[ray_runtime.HEALTH_CHECK_INTERVAL_ENV] == "3"
+    runtime = ray_runtime.start_ray(num_cpus=1, include_dashboard=False)  # a real local Ray
+    try:
+        assert os.environ[ray_runtime.HEALTH_CHECK_INTERVAL_ENV] == "0.5"
+        monkeypatch.setenv(ray_runtime.HEALTH_CHECK_INTERVAL_ENV, "3")
+        assert not ray_runtime.start_ray().started_here  # the same Ray, joined again
+        assert os.environ[ray_runtime.HEALTH_CHECK_INTERVAL_ENV] == "3"
+    finally:
+        ray_runtime.stop_ray(runtime)
 
 
 def test_the_interval_reaches_the_controller_through_trains_own_propagation(
