@@ -1,6 +1,6 @@
 """What a run costs on a Ray cluster: two Ray nodes on this machine (``cluster/local_multinode.sh``).
 
-The same tiny experiment (the quickstart shrunk as in ``platform_overhead.py``) is submitted as a job
+The same tiny experiment (the quickstart shrunk as in ``small_run.py``) is submitted as a job
 twice, as cluster/README.md section 2a does, on an already running cluster. Prints:
 1. warm step throughput with 2 workers on 1 node and with 1 worker on each of 2 nodes, and the ratio;
 2. the time from ``ray job submit`` to the first training step;
@@ -17,7 +17,7 @@ twice, as cluster/README.md section 2a does, on an already running cluster. Prin
 The cluster gets its own temp dir and ports (it can run beside the test suite's) and is stopped at the
 end. The load average before and after is printed: other work on the machine shifts every phase. Run by
 hand (about 3 minutes on 2 cores):
-    python benchmarks/multinode.py [--steps-per-epoch 6] [--epochs 3] [--log-dir DIR]
+    python -m benchmarks.multinode [--steps-per-epoch 6] [--epochs 3] [--log-dir DIR]
 --log-dir keeps each job's log, every line prefixed with its arrival in seconds since ``ray job submit``.
 """
 
@@ -37,10 +37,11 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
+from benchmarks.small_run import BATCH, small_overrides
+
 REPO = Path(__file__).absolute().parents[1]
 SCRIPT = REPO / "cluster" / "local_multinode.sh"
 GCS_PORT, DASHBOARD_PORT = 6491, 8275  # not the script's defaults: the suite's cluster may be up
-BATCH = 2
 # the first log line of each phase's end, in the order they come; Ray's own lines carry a timestamp,
 # the others are stamped on arrival (the job's log stream lags by up to a second or two)
 MARKS = {
@@ -80,27 +81,10 @@ def script(env: dict[str, str], command: str) -> subprocess.CompletedProcess[str
 
 
 def overrides(workdir: Path, *, epochs: int, steps: int, resources: str) -> list[str]:
-    return [
-        "model.backbone.name=resnet18",
-        "model.channels=32",
-        "model.num_proposals=8",
-        "model.num_stages=1",
-        "data.transforms.train_short_sides=[64]",
-        "data.transforms.max_size=64",
-        "data.transforms.crop_size=null",
-        "data.transforms.test_short_side=64",
-        "data.transforms.test_max_size=64",
-        "data.num_workers=0",
-        f"train.epochs={epochs}",
-        f"train.batch_size={BATCH}",
-        f"train.max_steps_per_epoch={steps}",
-        "train.log_every=1",
-        "scaling.num_workers=2",
-        f"scaling.resources_per_worker={resources}",
-        f"tracking.uri=sqlite:///{workdir / 'mlflow.db'}",
-        f"tracking.artifact_location={workdir / 'mlartifacts'}",
-        f"tracking.storage_path={workdir / 'ray_results'}",
-    ]
+    """Every step's loss logged (the first step's time is read from MLflow); 2 workers placed by
+    ``resources``."""
+    small = small_overrides(workdir, epochs=epochs, steps=steps, workers=2, log_every=1)
+    return [*small, f"scaling.resources_per_worker={resources}"]
 
 
 def submit(

@@ -26,33 +26,14 @@ from knet_platform.train.datasets import build_datasets, prepare_data
 from knet_platform.train.optim import build_optimizer
 from torch.utils.data import DataLoader
 
+from benchmarks.small_run import QUICKSTART, small_overrides
 from knet.data import collate_batch
-
-QUICKSTART = Path(__file__).absolute().parents[1] / "experiments" / "quickstart.yaml"
 
 
 def small_experiment(workdir: Path, *, epochs: int, steps: int, workers: int) -> Experiment:
-    overrides = [
-        "model.backbone.name=resnet18",
-        "model.channels=32",
-        "model.num_proposals=8",
-        "model.num_stages=1",
-        "data.transforms.train_short_sides=[64]",
-        "data.transforms.max_size=64",
-        "data.transforms.crop_size=null",
-        "data.transforms.test_short_side=64",
-        "data.transforms.test_max_size=64",
-        "data.num_workers=0",
-        f"train.epochs={epochs}",
-        "train.batch_size=2",
-        f"train.max_steps_per_epoch={steps}",
-        "train.log_every=0",
-        f"scaling.num_workers={workers}",
-        f"tracking.uri=sqlite:///{workdir / 'mlflow.db'}",
-        f"tracking.artifact_location={workdir / 'mlartifacts'}",
-        f"tracking.storage_path={workdir / 'ray_results'}",
-    ]
-    return load_experiment(str(QUICKSTART), overrides)
+    return load_experiment(
+        str(QUICKSTART), small_overrides(workdir, epochs=epochs, steps=steps, workers=workers)
+    )
 
 
 def bare_loop(experiment: Experiment, total_steps: int, warmup_steps: int) -> tuple[float, float]:

@@ -45,30 +45,27 @@ def cluster_processes() -> list[int]:
     return [int(pid) for pid in found.stdout.split()]
 
 
-def train_worker_nodes(env: dict[str, str]) -> set[str]:
-    """The node ids of the job's Ray Train workers, from the State API (``ray list actors``), asked in
-    a shell set up as the guide says (``eval "$(local_multinode.sh env)"``)."""
+def ray_list(env: dict[str, str], what: str, *filters: str) -> list[dict]:
+    """``ray list WHAT`` of the State API in detail, asked in a shell set up as the guide says
+    (``eval "$(local_multinode.sh env)"``)."""
     listed = shell(
-        f'eval "$({SCRIPT} env)" && ray list actors --address http://127.0.0.1:8265 --detail '
-        "--filter class_name=RayTrainWorker --format json",
+        f'eval "$({SCRIPT} env)" && ray list {what} --address http://127.0.0.1:8265 --detail '
+        f"{' '.join(filters)} --format json",
         env,
         timeout=120,
     )
     assert listed.returncode == 0, listed.stderr[-2000:]
-    return {actor["node_id"] for actor in json.loads(listed.stdout)}
+    return json.loads(listed.stdout)
+
+
+def train_worker_nodes(env: dict[str, str]) -> set[str]:
+    """The node ids of the job's Ray Train workers."""
+    return {actor["node_id"] for actor in ray_list(env, "actors", "--filter class_name=RayTrainWorker")}
 
 
 def placement_group_states(env: dict[str, str]) -> list[str]:
-    """The state of every placement group the cluster knows (``ray list placement-groups``), asked in
-    a shell set up as the guide says."""
-    listed = shell(
-        f'eval "$({SCRIPT} env)" && ray list placement-groups --address http://127.0.0.1:8265 '
-        "--detail --format json",
-        env,
-        timeout=120,
-    )
-    assert listed.returncode == 0, listed.stderr[-2000:]
-    return [group["state"] for group in json.loads(listed.stdout)]
+    """The state of every placement group the cluster knows."""
+    return [group["state"] for group in ray_list(env, "placement-groups")]
 
 
 @pytest.fixture(scope="module")
